@@ -1,0 +1,1 @@
+"""Field Relay appliance: daemon, durable workflow, inference, outbox and sync."""

@@ -1,0 +1,73 @@
+"""The numbers behind `appliance status`, read from the database."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.states import RecordState
+from appliance.store import DB_NAME, Store
+
+
+def collect_status(data_dir: Path) -> dict[str, Any]:
+    """Return record counts per state, per-link counters and outbox depth.
+
+    A data directory without a database reports zero records.
+    """
+    path = data_dir / DB_NAME
+    if not path.exists():
+        return {
+            "data_dir": str(data_dir),
+            "records": {str(s): 0 for s in RecordState},
+            "links": {},
+            "outbox": {"queued": 0, "oldest_queued_age_s": None},
+            "batches": {"delivered": 0, "open": 0},
+        }
+    store = Store(path, readonly=True)
+    try:
+        counts = store.state_counts()
+        oldest = store.query(
+            "SELECT MIN(received_at) AS t FROM records WHERE state = ?",
+            (str(RecordState.QUEUED),),
+        )[0]["t"]
+        batches = store.query(
+            "SELECT SUM(delivered_at IS NOT NULL) AS delivered,"
+            " SUM(delivered_at IS NULL) AS open FROM batches"
+        )[0]
+        return {
+            "data_dir": str(data_dir),
+            "records": counts,
+            "links": store.all_link_counters(),
+            "outbox": {
+                "queued": counts[RecordState.QUEUED],
+                "oldest_queued_age_s": round(time.time() - oldest, 1) if oldest else None,
+            },
+            "batches": {
+                "delivered": int(batches["delivered"] or 0),
+                "open": int(batches["open"] or 0),
+            },
+        }
+    finally:
+        store.close()
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Render ``collect_status`` output as aligned text for a terminal."""
+    lines = [f"data directory  {status['data_dir']}", "records"]
+    for state, count in status["records"].items():
+        lines.append(f"  {state:<10} {count:>8}")
+    outbox = status["outbox"]
+    age = outbox["oldest_queued_age_s"]
+    lines.append(
+        f"outbox          {outbox['queued']} queued"
+        + (f", oldest {age:.0f} s" if age is not None else "")
+    )
+    for name, counters in status["links"].items():
+        lines.append(f"link {name}")
+        shown = {k: v for k, v in counters.items() if v}
+        for key, value in shown.items():
+            lines.append(f"  {key:<22} {value:>10}")
+        if not shown:
+            lines.append("  no traffic")
+    return "\n".join(lines)

@@ -1,0 +1,355 @@
+"""The appliance's SQLite database: records, their history, link counters, batches.
+
+One file, ``appliance.db`` in the data directory, in WAL mode so the CLI and
+TUI can read while the daemon writes. Every write runs in a transaction that
+takes the write lock up front (``BEGIN IMMEDIATE``), so concurrent writers wait
+on ``busy_timeout`` instead of failing half-way. A state change and the step
+result that justifies it are committed together; every change is conditional
+on the state it expects, so a step that is run twice after a crash cannot move
+a record twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from appliance.errors import StoreError
+from appliance.states import FINAL_STATES, RecordKind, RecordState
+
+logger = logging.getLogger(__name__)
+
+DB_NAME = "appliance.db"
+BUSY_TIMEOUT_MS = 10_000
+"""Milliseconds a writer waits for the lock held by another connection."""
+
+
+class Store:
+    """One connection to the appliance database; use one instance per thread.
+
+    Args:
+        path: the database file; created with its tables when missing.
+        readonly: open without write access (for status and listing commands).
+    """
+
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        try:
+            if readonly:
+                conn = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, isolation_level=None
+                )
+            else:
+                conn = sqlite3.connect(path, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {str(path)!r}: {exc}", path) from exc
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.Lock()
+        if not readonly:
+            self._create_tables()
+
+    def close(self) -> None:
+        """Close the connection. Safe to call more than once."""
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+    def _create_tables(self) -> None:
+        with self.transaction():
+            self.db["records"].create(
+                {
+                    "id": str,
+                    "link": str,
+                    "seq": int,
+                    "kind": str,
+                    "state": str,
+                    "raw": str,
+                    "raw_bytes": bytes,
+                    "flags": str,
+                    "received_at": float,
+                    "updated_at": float,
+                    "attempts": int,
+                    "next_attempt_at": float,
+                    "output": str,
+                    "data": str,
+                    "error": str,
+                    "batch_id": str,
+                    "uploaded_at": float,
+                },
+                pk="id",
+                not_null={"link", "seq", "kind", "state", "raw", "received_at"},
+                defaults={"attempts": 0, "next_attempt_at": 0.0, "flags": ""},
+                if_not_exists=True,
+            )
+            self.db["records"].create_index(
+                ["link", "seq"], unique=True, if_not_exists=True
+            )
+            self.db["records"].create_index(
+                ["state", "next_attempt_at"], if_not_exists=True
+            )
+            self.db["events"].create(
+                {
+                    "id": int,
+                    "record_id": str,
+                    "at": float,
+                    "step": str,
+                    "from_state": str,
+                    "to_state": str,
+                    "attempt": int,
+                    "duration": float,
+                    "error": str,
+                    "detail": str,
+                },
+                pk="id",
+                if_not_exists=True,
+            )
+            self.db["events"].create_index(["record_id"], if_not_exists=True)
+            self.db["links"].create(
+                {"name": str, "counters": str, "updated_at": float},
+                pk="name",
+                if_not_exists=True,
+            )
+            self.db["batches"].create(
+                {
+                    "id": str,
+                    "created_at": float,
+                    "attempts": int,
+                    "last_status": int,
+                    "last_error": str,
+                    "delivered_at": float,
+                },
+                pk="id",
+                if_not_exists=True,
+            )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run a block in one write transaction taken with ``BEGIN IMMEDIATE``.
+
+        Raises:
+            StoreError: SQLite failed; the transaction was rolled back.
+        """
+        with self._lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._error("begin a transaction", exc) from exc
+            try:
+                yield self.conn
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error("write", exc) from exc
+                raise
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise self._error("commit", exc) from exc
+
+    def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
+        hint = ""
+        if "full" in str(exc).lower():
+            hint = ": free space on the data directory's file system"
+        return StoreError(f"database {str(self.path)!r}: {action} failed: {exc}{hint}", self.path)
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query and return all rows."""
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error("read", exc) from exc
+
+    # Records -----------------------------------------------------------------
+
+    def next_seq(self, link: str) -> int:
+        """Return the sequence number the next record on ``link`` gets."""
+        rows = self.query("SELECT MAX(seq) AS m FROM records WHERE link = ?", (link,))
+        return (rows[0]["m"] or 0) + 1
+
+    def count_link_records(self, link: str) -> int:
+        rows = self.query("SELECT COUNT(*) AS n FROM records WHERE link = ?", (link,))
+        return int(rows[0]["n"])
+
+    def insert_record(
+        self,
+        conn: sqlite3.Connection,
+        link: str,
+        seq: int,
+        raw: str,
+        raw_bytes: bytes,
+        kind: RecordKind = RecordKind.LOG_EVENT,
+        flags: str = "",
+    ) -> str | None:
+        """Insert a received record inside an open transaction.
+
+        Returns the new record's id, or None when ``(link, seq)`` already exists,
+        which makes replaying the same input idempotent.
+        """
+        record_id = str(uuid.uuid4())
+        now = time.time()
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO records (id, link, seq, kind, state, raw, raw_bytes,"
+            " flags, received_at, updated_at, attempts, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
+            (record_id, link, seq, str(kind), RecordState.RECEIVED, raw, raw_bytes,
+             flags, now, now),
+        )
+        if cursor.rowcount == 0:
+            return None
+        self.add_event(conn, record_id, "receive", None, RecordState.RECEIVED, 0, 0.0)
+        return record_id
+
+    def add_event(
+        self,
+        conn: sqlite3.Connection,
+        record_id: str,
+        step: str,
+        from_state: str | None,
+        to_state: str | None,
+        attempt: int,
+        duration: float,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append one entry to a record's history inside an open transaction."""
+        conn.execute(
+            "INSERT INTO events (record_id, at, step, from_state, to_state, attempt,"
+            " duration, error, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record_id, time.time(), step, from_state, to_state, attempt, duration,
+             error, json.dumps(detail) if detail else None),
+        )
+
+    def move(
+        self,
+        conn: sqlite3.Connection,
+        record_id: str,
+        expected: RecordState,
+        target: RecordState,
+        **fields: Any,
+    ) -> bool:
+        """Move a record from ``expected`` to ``target`` and set ``fields``.
+
+        Returns False, changing nothing, when the record is not in ``expected``
+        (another worker or an earlier run already moved it).
+        """
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        sql = "UPDATE records SET state = ?, updated_at = ?"
+        if assignments:
+            sql += ", " + assignments
+        sql += " WHERE id = ? AND state = ?"
+        params = (str(target), time.time(), *fields.values(), record_id, str(expected))
+        return conn.execute(sql, params).rowcount == 1
+
+    def due_records(
+        self, states: list[RecordState], kinds: list[RecordKind], limit: int
+    ) -> list[sqlite3.Row]:
+        """Return up to ``limit`` records in ``states`` whose next attempt is due."""
+        state_marks = ",".join("?" * len(states))
+        kind_marks = ",".join("?" * len(kinds))
+        return self.query(
+            f"SELECT * FROM records WHERE state IN ({state_marks})"
+            f" AND kind IN ({kind_marks}) AND next_attempt_at <= ?"
+            " ORDER BY received_at, link, seq LIMIT ?",
+            (*map(str, states), *map(str, kinds), time.time(), limit),
+        )
+
+    def unfinished_count(self, links: list[str] | None = None) -> int:
+        """Count records not yet in a final state, optionally on some links only."""
+        finals = ",".join("?" * len(FINAL_STATES))
+        sql = f"SELECT COUNT(*) AS n FROM records WHERE state NOT IN ({finals})"
+        params: list[Any] = [str(s) for s in FINAL_STATES]
+        if links is not None:
+            sql += f" AND link IN ({','.join('?' * len(links))})"
+            params += links
+        return int(self.query(sql, tuple(params))[0]["n"])
+
+    def state_counts(self) -> dict[str, int]:
+        rows = self.query("SELECT state, COUNT(*) AS n FROM records GROUP BY state")
+        counts = {str(state): 0 for state in RecordState}
+        counts.update({row["state"]: row["n"] for row in rows})
+        return counts
+
+    def get_record(self, record_id: str) -> sqlite3.Row | None:
+        rows = self.query("SELECT * FROM records WHERE id = ?", (record_id,))
+        return rows[0] if rows else None
+
+    def list_records(
+        self, state: str | None = None, limit: int | None = None
+    ) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM records"
+        params: list[Any] = []
+        if state is not None:
+            sql += " WHERE state = ?"
+            params.append(state)
+        sql += " ORDER BY received_at, link, seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self.query(sql, tuple(params))
+
+    def events_for(self, record_id: str) -> list[sqlite3.Row]:
+        return self.query(
+            "SELECT * FROM events WHERE record_id = ? ORDER BY id", (record_id,)
+        )
+
+    # Link counters -----------------------------------------------------------
+
+    def load_link_counters(self, name: str) -> dict[str, int]:
+        rows = self.query("SELECT counters FROM links WHERE name = ?", (name,))
+        return json.loads(rows[0]["counters"]) if rows else {}
+
+    def save_link_counters(
+        self, conn: sqlite3.Connection, name: str, counters: dict[str, int]
+    ) -> None:
+        conn.execute(
+            "INSERT INTO links (name, counters, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET counters = excluded.counters,"
+            " updated_at = excluded.updated_at",
+            (name, json.dumps(counters), time.time()),
+        )
+
+    def all_link_counters(self) -> dict[str, dict[str, int]]:
+        rows = self.query("SELECT name, counters FROM links ORDER BY name")
+        return {row["name"]: json.loads(row["counters"]) for row in rows}
+
+
+def record_to_json(row: sqlite3.Row) -> dict[str, Any]:
+    """Return the public JSON form of a record, as listed and as uploaded."""
+    return {
+        "id": row["id"],
+        "link": row["link"],
+        "seq": row["seq"],
+        "kind": row["kind"],
+        "state": row["state"],
+        "received_at": _iso(row["received_at"]),
+        "raw": row["raw"],
+        "data": json.loads(row["data"]) if row["data"] else None,
+        "error": row["error"],
+        "attempts": row["attempts"],
+        "flags": row["flags"].split(",") if row["flags"] else [],
+    }
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + (
+        f".{int(epoch % 1 * 1000):03d}Z"
+    )

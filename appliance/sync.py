@@ -1,0 +1,269 @@
+"""Store-and-forward upload of queued records to an HTTP endpoint.
+
+Delivery rule: records leave the outbox in batches. A batch's id is assigned
+and committed to its records before the first POST and is sent as the
+``Idempotency-Key`` header on every attempt, so a batch resent after a timeout
+or a crash carries the same key and the same records, and the server can
+de-duplicate it. Records are marked ``uploaded`` only after a 2xx response.
+Any other outcome leaves them queued in the same batch for the next attempt.
+
+Body: NDJSON (``application/x-ndjson``), one record per line in the form that
+``appliance records --format jsonl`` prints, optionally gzip-compressed with
+``Content-Encoding: gzip``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import gzip
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from appliance.errors import PermanentUploadError, TransientUploadError, UploadError
+from appliance.states import RecordState
+from appliance.store import Store, record_to_json
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""HTTP statuses after which the same batch is sent again later."""
+
+
+@dataclasses.dataclass
+class SyncResult:
+    """Outcome of one sync run."""
+
+    batches: int = 0
+    """Batches accepted by the sink."""
+    records: int = 0
+    """Records marked uploaded."""
+    failures: int = 0
+    """POST attempts that did not succeed."""
+    last_error: str | None = None
+    remaining: int = 0
+    """Records still queued when the run ended."""
+
+
+class Uploader:
+    """Sends queued records to ``url`` in batches.
+
+    Args:
+        db_path: the appliance database.
+        url: the ingest endpoint.
+        batch_size: maximum records per batch.
+        max_batch_bytes: maximum uncompressed body size per batch, in bytes.
+        compress: gzip the body.
+        timeout: seconds allowed per HTTP request.
+        max_backoff: cap, in seconds, on the delay between failed attempts.
+    """
+
+    def __init__(
+        self,
+        db_path: Path,
+        url: str,
+        batch_size: int = 200,
+        max_batch_bytes: int = 1_000_000,
+        compress: bool = True,
+        timeout: float = 30.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.db_path = db_path
+        self.url = url
+        self.batch_size = batch_size
+        self.max_batch_bytes = max_batch_bytes
+        self.compress = compress
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self._client = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def sync(self, deadline: float | None, stop: threading.Event | None = None) -> SyncResult:
+        """Upload queued records until none remain, ``deadline`` passes or ``stop`` is set.
+
+        Transient failures are retried with capped exponential backoff and full
+        jitter, or after the server's ``Retry-After``. A permanent failure ends
+        the run with the batch still queued.
+        """
+        result = SyncResult()
+        store = Store(self.db_path)
+        failures_in_row = 0
+        try:
+            while stop is None or not stop.is_set():
+                batch_id = self._next_batch(store)
+                if batch_id is None:
+                    break
+                try:
+                    count = self._send(store, batch_id)
+                except PermanentUploadError as exc:
+                    result.failures += 1
+                    result.last_error = str(exc)
+                    logger.error("batch %s rejected: %s", batch_id, exc)
+                    break
+                except TransientUploadError as exc:
+                    result.failures += 1
+                    result.last_error = str(exc)
+                    failures_in_row += 1
+                    wait = exc.retry_after
+                    if wait is None:
+                        wait = random.uniform(0, min(self.max_backoff, 0.5 * 2**failures_in_row))
+                    if deadline is not None and time.monotonic() + wait > deadline:
+                        logger.warning("batch %s failed, deadline reached: %s", batch_id, exc)
+                        break
+                    logger.warning("batch %s failed, retrying in %.1f s: %s", batch_id, wait, exc)
+                    if stop is not None:
+                        if stop.wait(wait):
+                            break
+                    else:
+                        time.sleep(wait)
+                    continue
+                failures_in_row = 0
+                result.batches += 1
+                result.records += count
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+            result.remaining = store.state_counts()[RecordState.QUEUED]
+        finally:
+            store.close()
+        return result
+
+    def _next_batch(self, store: Store) -> str | None:
+        """Return an open batch to resend, or assign queued records to a new one."""
+        rows = store.query(
+            "SELECT batch_id FROM records WHERE state = ? AND batch_id IS NOT NULL"
+            " ORDER BY received_at LIMIT 1",
+            (str(RecordState.QUEUED),),
+        )
+        if rows:
+            return str(rows[0]["batch_id"])
+        candidates = store.query(
+            "SELECT id, LENGTH(raw) + LENGTH(COALESCE(data, '')) AS size FROM records"
+            " WHERE state = ? AND batch_id IS NULL ORDER BY received_at, link, seq LIMIT ?",
+            (str(RecordState.QUEUED), self.batch_size),
+        )
+        if not candidates:
+            return None
+        chosen, total = [], 0
+        for row in candidates:
+            # 400 bytes covers the JSON keys and metadata around raw and data.
+            size = int(row["size"]) + 400
+            if chosen and total + size > self.max_batch_bytes:
+                break
+            chosen.append(row["id"])
+            total += size
+        batch_id = str(uuid.uuid4())
+        with store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO batches (id, created_at, attempts) VALUES (?, ?, 0)",
+                (batch_id, time.time()),
+            )
+            marks = ",".join("?" * len(chosen))
+            conn.execute(
+                f"UPDATE records SET batch_id = ? WHERE id IN ({marks})"
+                " AND state = ? AND batch_id IS NULL",
+                (batch_id, *chosen, str(RecordState.QUEUED)),
+            )
+        return batch_id
+
+    def _send(self, store: Store, batch_id: str) -> int:
+        rows = store.query(
+            "SELECT * FROM records WHERE batch_id = ? AND state = ?"
+            " ORDER BY received_at, link, seq",
+            (batch_id, str(RecordState.QUEUED)),
+        )
+        body = b"".join(
+            json.dumps(record_to_json(row), ensure_ascii=False).encode("utf-8") + b"\n"
+            for row in rows
+        )
+        headers = {"Content-Type": "application/x-ndjson", "Idempotency-Key": batch_id}
+        if self.compress:
+            body = gzip.compress(body, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        started = time.perf_counter()
+        status: int | None = None
+        try:
+            response = self._client.post(self.url, content=body, headers=headers)
+            status = response.status_code
+            self._check(response, batch_id)
+        except UploadError as exc:
+            self._record_attempt(store, batch_id, status, str(exc))
+            raise
+        except httpx.HTTPError as exc:
+            self._record_attempt(store, batch_id, None, f"{type(exc).__name__}: {exc}")
+            raise TransientUploadError(
+                f"POST {self.url} failed: {type(exc).__name__}: {exc}", batch_id
+            ) from exc
+
+        now = time.time()
+        with store.transaction() as conn:
+            conn.execute(
+                "UPDATE batches SET attempts = attempts + 1, last_status = ?,"
+                " delivered_at = ? WHERE id = ?",
+                (status, now, batch_id),
+            )
+            ids = [row["id"] for row in rows]
+            for record_id in ids:
+                if store.move(
+                    conn, record_id, RecordState.QUEUED, RecordState.UPLOADED,
+                    uploaded_at=now,
+                ):
+                    store.add_event(
+                        conn, record_id, "upload", RecordState.QUEUED,
+                        RecordState.UPLOADED, 1, time.perf_counter() - started,
+                        detail={"batch_id": batch_id, "status": status},
+                    )
+        logger.info(
+            "batch %s: %d records uploaded (HTTP %s, %d bytes, %.2f s)",
+            batch_id, len(rows), status, len(body), time.perf_counter() - started,
+        )
+        return len(rows)
+
+    def _check(self, response: httpx.Response, batch_id: str) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        excerpt = response.text[:200]
+        message = f"POST {self.url} answered HTTP {status}: {excerpt!r}"
+        if status in RETRYABLE_STATUS:
+            raise TransientUploadError(
+                message, batch_id, status, parse_retry_after(response.headers.get("Retry-After"))
+            )
+        raise PermanentUploadError(message + "; the batch stays queued", batch_id, status)
+
+    @staticmethod
+    def _record_attempt(store: Store, batch_id: str, status: int | None, error: str) -> None:
+        with store.transaction() as conn:
+            conn.execute(
+                "UPDATE batches SET attempts = attempts + 1, last_status = ?,"
+                " last_error = ? WHERE id = ?",
+                (status, error[:500], batch_id),
+            )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Return the seconds a ``Retry-After`` header asks for, or None if absent or invalid.
+
+    Accepts delta-seconds and HTTP dates (RFC 9110, section 10.2.3); a date in
+    the past gives 0.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))

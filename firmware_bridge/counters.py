@@ -1,0 +1,47 @@
+"""Per-link counters that `appliance status` reports and the store persists."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class LinkCounters:
+    """Cumulative counts for one link.
+
+    Each field is written by one thread only (the reader or the line consumer),
+    so plain integer updates are safe under the GIL.
+    """
+
+    bytes: int = 0
+    """Bytes read from the port."""
+    lines: int = 0
+    """Non-empty lines delivered as records."""
+    empty_lines: int = 0
+    """Lines with no content after the line ending was removed; skipped."""
+    nul_bytes: int = 0
+    """NUL (0x00) bytes removed from lines."""
+    decode_errors: int = 0
+    """Lines that held invalid UTF-8; decoded with U+FFFD replacement characters."""
+    truncated_lines: int = 0
+    """Lines longer than the maximum line length; their head became a record."""
+    dropped_bytes: int = 0
+    """Bytes discarded past the maximum line length."""
+    line_timeouts: int = 0
+    """Partial lines delivered because no line ending arrived before the deadline."""
+    overflows: int = 0
+    """Writes that found the ring buffer full."""
+    overflow_dropped_bytes: int = 0
+    """Bytes the ring buffer discarded under the drop_oldest policy."""
+    read_errors: int = 0
+    """Failed reads from the port."""
+    reconnects: int = 0
+    """Times the port was reopened after a failure."""
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def add(self, other: dict[str, int]) -> None:
+        """Add counts loaded from an earlier run, ignoring unknown names."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + int(other.get(field.name, 0)))

@@ -1,0 +1,53 @@
+"""Exceptions raised by the firmware bridge.
+
+Every error derives from ``BridgeError`` and is grouped by what the caller can do::
+
+    BridgeError
+    ├── PortError            the port cannot be used; the operator must act
+    │   ├── PortNotFoundError       the path or URL names no port
+    │   └── PortPermissionError     the port exists but this user may not open it
+    ├── LinkLostError        an open link dropped; reconnecting may help
+    └── BufferClosedError    a ring buffer was used after close (misuse)
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Root of every error raised by firmware_bridge."""
+
+
+class PortError(BridgeError):
+    """A serial port could not be opened.
+
+    Attributes:
+        port: the port path or URL as configured.
+    """
+
+    def __init__(self, message: str, port: str) -> None:
+        super().__init__(message)
+        self.port = port
+
+
+class PortNotFoundError(PortError):
+    """The configured port does not exist."""
+
+
+class PortPermissionError(PortError):
+    """The port exists but the current user lacks permission to open it."""
+
+
+class LinkLostError(BridgeError):
+    """An open link failed while reading or writing.
+
+    Attributes:
+        link: the link name.
+    """
+
+    def __init__(self, message: str, link: str) -> None:
+        super().__init__(message)
+        self.link = link
+
+
+class BufferClosedError(BridgeError):
+    """A ring buffer was written after it was closed."""

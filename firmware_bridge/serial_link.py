@@ -1,0 +1,197 @@
+"""Serial link on pyserial: a reader thread that moves port bytes into a ring buffer.
+
+Any port that ``serial.serial_for_url`` accepts works: a device path such as
+``/dev/ttyUSB0``, a pty, ``socket://host:port`` or ``rfc2217://host:port``.
+After a read failure the port is closed and reopened with capped exponential
+backoff and full jitter; bytes already in the ring buffer are kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import random
+import threading
+import time
+
+import serial
+
+from firmware_bridge.counters import LinkCounters
+from firmware_bridge.errors import PortError, PortNotFoundError, PortPermissionError
+from firmware_bridge.ring_buffer import RingBuffer
+
+logger = logging.getLogger(__name__)
+
+READ_CHUNK = 4096
+"""Maximum bytes taken from the port per read call."""
+
+
+def open_port(url: str, baudrate: int, read_timeout: float) -> serial.SerialBase:
+    """Open ``url`` with pyserial, translating its errors into ``PortError``.
+
+    Raises:
+        PortNotFoundError: the path does not exist or the URL cannot be reached.
+        PortPermissionError: the path exists but this user may not open it.
+        PortError: any other failure to open, with pyserial's reason.
+    """
+    try:
+        return serial.serial_for_url(url, baudrate=baudrate, timeout=read_timeout)
+    except (serial.SerialException, OSError, ValueError) as exc:
+        raise _port_error(url, exc) from exc
+
+
+def _port_error(url: str, exc: BaseException) -> PortError:
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOENT or ("://" not in url and not os.path.exists(url)):
+        return PortNotFoundError(
+            f"serial port {url!r} not found: check that the device is plugged in and "
+            "pass its path or URL with --port",
+            url,
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        group = _group_of(url)
+        hint = f"add the service user to group {group!r}" if group else "check its mode"
+        return PortPermissionError(
+            f"permission denied opening serial port {url!r}: {hint} "
+            "(for example `sudo usermod -aG GROUP USER`, then log in again)",
+            url,
+        )
+    if code == errno.ECONNREFUSED:
+        return PortNotFoundError(
+            f"serial port {url!r} refused the connection: start the serial server "
+            "or correct --port",
+            url,
+        )
+    return PortError(f"cannot open serial port {url!r}: {exc}", url)
+
+
+def _group_of(path: str) -> str | None:
+    try:
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError):
+        return None
+
+
+class SerialLink:
+    """A named serial link feeding a ring buffer from a background thread.
+
+    Call ``open()`` first so a port that cannot be opened fails at start with a
+    clear error; ``start()`` then runs the reader until ``close()``.
+
+    Args:
+        name: the link name used in records and logs.
+        url: any port pyserial accepts.
+        ring: the buffer the reader writes into.
+        counters: the link's counters, updated in place.
+        baudrate: line speed in bit/s; ignored by ptys and sockets.
+        read_timeout: seconds a single read waits for the first byte.
+        max_backoff: cap, in seconds, on the delay between reopen attempts.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        ring: RingBuffer,
+        counters: LinkCounters,
+        baudrate: int = 115200,
+        read_timeout: float = 0.1,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.ring = ring
+        self.counters = counters
+        self.baudrate = baudrate
+        self.read_timeout = read_timeout
+        self.max_backoff = max_backoff
+        self.state = "closed"
+        self._port: serial.SerialBase | None = None
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Open the port now; raises ``PortError`` when it cannot be opened."""
+        self._port = open_port(self.url, self.baudrate, self.read_timeout)
+        self.state = "connected"
+        logger.info("link %s: opened %s at %d baud", self.name, self.url, self.baudrate)
+
+    def start(self) -> None:
+        """Start the reader thread; ``open()`` must have succeeded."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"link-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def pause(self) -> None:
+        """Stop draining the port so the device is held back; bytes stay in the OS."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def close(self) -> None:
+        """Stop the reader and close the port. Safe to call more than once."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._close_port()
+        self.state = "closed"
+
+    def _close_port(self) -> None:
+        port, self._port = self._port, None
+        if port is not None:
+            try:
+                port.close()
+            except (serial.SerialException, OSError):
+                logger.debug("link %s: error closing port ignored", self.name)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if self._port is None:
+                if not self._reopen(attempt):
+                    attempt += 1
+                    continue
+                attempt = 0
+            if self._paused.is_set():
+                self._stop.wait(0.05)
+                continue
+            try:
+                waiting = self._port.in_waiting
+                data = self._port.read(min(max(waiting, 1), READ_CHUNK))
+            except (serial.SerialException, OSError) as exc:
+                self.counters.read_errors += 1
+                logger.warning("link %s: read failed, reopening: %s", self.name, exc)
+                self._close_port()
+                self.state = "backing_off"
+                continue
+            if data:
+                self.counters.bytes += len(data)
+                self._store(data)
+
+    def _store(self, data: bytes) -> None:
+        before_overflows = self.ring.overflows
+        before_dropped = self.ring.dropped_bytes
+        self.ring.put(data, should_stop=self._stop.is_set)
+        self.counters.overflows += self.ring.overflows - before_overflows
+        self.counters.overflow_dropped_bytes += self.ring.dropped_bytes - before_dropped
+
+    def _reopen(self, attempt: int) -> bool:
+        delay = random.uniform(0, min(self.max_backoff, 0.5 * 2**attempt))
+        if self._stop.wait(delay):
+            return False
+        try:
+            self._port = open_port(self.url, self.baudrate, self.read_timeout)
+        except PortError as exc:
+            logger.warning(
+                "link %s: reopen attempt %d failed: %s", self.name, attempt + 1, exc
+            )
+            return False
+        self.counters.reconnects += 1
+        self.state = "connected"
+        logger.info("link %s: reopened %s", self.name, self.url)
+        return True
