@@ -16,14 +16,13 @@ from typing import Any
 
 import click
 
-from firmware_bridge.errors import BridgeError
-from firmware_bridge.lines import LineEnding
-from firmware_bridge.ring_buffer import OverflowPolicy
-
 from appliance.errors import ApplianceError
 from appliance.paths import default_data_dir, prepare_data_dir
 from appliance.states import RecordKind, RecordState
 from appliance.store import DB_NAME, Store, record_to_json
+from firmware_bridge.errors import BridgeError
+from firmware_bridge.lines import LineEnding
+from firmware_bridge.ring_buffer import OverflowPolicy
 
 logger = logging.getLogger("appliance")
 
@@ -61,9 +60,17 @@ def main() -> None:
 
 @main.command()
 @_data_dir_option
-@click.option("--demo", is_flag=True, help="Read the bundled BGL sample from a simulated device on a pty.")
-@click.option("--port", help="Serial port path or pyserial URL (socket://, rfc2217://).")
-@click.option("--baud", type=int, default=115200, show_default=True, help="Line speed in bit/s.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Read the bundled BGL sample from a simulated device on a pty.",
+)
+@click.option(
+    "--port", help="Serial port path or pyserial URL (socket://, rfc2217://)."
+)
+@click.option(
+    "--baud", type=int, default=115200, show_default=True, help="Line speed in bit/s."
+)
 @click.option(
     "--line-ending",
     type=click.Choice([e.value for e in LineEnding]),
@@ -71,14 +78,53 @@ def main() -> None:
     show_default=True,
     help="Bytes that end a line; auto accepts LF, CR and CRLF.",
 )
-@click.option("--max-records", type=click.IntRange(min=1), help="Stop reading after N new records; exit 0 once all are final.")
-@click.option("--upload-url", help="Upload queued records to this HTTP endpoint in the background.")
-@click.option("--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="llama.cpp CPU threads.")
-@click.option("--demo-rate", type=click.FloatRange(min=0), default=5.0, show_default=True, help="Lines per second the demo device sends (0: as fast as read).")
-@click.option("--max-line-bytes", type=click.IntRange(min=16), default=4096, show_default=True, help="Bytes kept per line; the rest is dropped and counted.")
-@click.option("--line-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Seconds a partial line waits for its line ending.")
-@click.option("--ring-bytes", type=click.IntRange(min=64), default=65536, show_default=True, help="Ring buffer size per link, in bytes.")
+@click.option(
+    "--max-records",
+    type=click.IntRange(min=1),
+    help="Stop reading after N new records; exit 0 once all are final.",
+)
+@click.option(
+    "--upload-url",
+    help="Upload queued records to this HTTP endpoint in the background.",
+)
+@click.option(
+    "--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct."
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="llama.cpp CPU threads.",
+)
+@click.option(
+    "--demo-rate",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Lines per second the demo device sends (0: as fast as read).",
+)
+@click.option(
+    "--max-line-bytes",
+    type=click.IntRange(min=16),
+    default=4096,
+    show_default=True,
+    help="Bytes kept per line; the rest is dropped and counted.",
+)
+@click.option(
+    "--line-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a partial line waits for its line ending.",
+)
+@click.option(
+    "--ring-bytes",
+    type=click.IntRange(min=64),
+    default=65536,
+    show_default=True,
+    help="Ring buffer size per link, in bytes.",
+)
 @click.option(
     "--overflow",
     type=click.Choice([p.value for p in OverflowPolicy]),
@@ -87,10 +133,23 @@ def main() -> None:
     help="When the ring buffer is full: block the reader, or drop the oldest bytes.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every state change.")
-def run(data_dir: Path, demo: bool, port: str | None, baud: int, line_ending: str,
-        max_records: int | None, upload_url: str | None, model: str | None, threads: int,
-        demo_rate: float, max_line_bytes: int, line_timeout: float, ring_bytes: int,
-        overflow: str, verbose: bool) -> None:
+def run(
+    data_dir: Path,
+    demo: bool,
+    port: str | None,
+    baud: int,
+    line_ending: str,
+    max_records: int | None,
+    upload_url: str | None,
+    model: str | None,
+    threads: int,
+    demo_rate: float,
+    max_line_bytes: int,
+    line_timeout: float,
+    ring_bytes: int,
+    overflow: str,
+    verbose: bool,
+) -> None:
     """Run the pipeline: read a link, infer, validate, queue and (optionally) upload."""
     from appliance.daemon import Daemon, RunOptions, install_signal_handlers
 
@@ -98,11 +157,19 @@ def run(data_dir: Path, demo: bool, port: str | None, baud: int, line_ending: st
     if demo == bool(port):
         raise click.UsageError("pass exactly one of --demo and --port")
     options = RunOptions(
-        port=port, demo=demo, demo_rate=demo_rate, baud=baud,
-        line_ending=LineEnding(line_ending), max_line_bytes=max_line_bytes,
-        line_timeout=line_timeout, ring_capacity=ring_bytes,
-        overflow=OverflowPolicy(overflow), max_records=max_records,
-        upload_url=upload_url, model=model, threads=threads,
+        port=port,
+        demo=demo,
+        demo_rate=demo_rate,
+        baud=baud,
+        line_ending=LineEnding(line_ending),
+        max_line_bytes=max_line_bytes,
+        line_timeout=line_timeout,
+        ring_capacity=ring_bytes,
+        overflow=OverflowPolicy(overflow),
+        max_records=max_records,
+        upload_url=upload_url,
+        model=model,
+        threads=threads,
     )
     try:
         prepare_data_dir(data_dir)
@@ -124,11 +191,25 @@ def run(data_dir: Path, demo: bool, port: str | None, baud: int, line_ending: st
     show_default=True,
     help="log_event: free text for the model; json: one JSON object per line.",
 )
-@click.option("--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="llama.cpp CPU threads.")
+@click.option(
+    "--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct."
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="llama.cpp CPU threads.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every state change.")
-def replay(data_dir: Path, file: Path, kind: str, model: str | None, threads: int,
-           verbose: bool) -> None:
+def replay(
+    data_dir: Path,
+    file: Path,
+    kind: str,
+    model: str | None,
+    threads: int,
+    verbose: bool,
+) -> None:
     """Push each line of FILE through the workflow and exit when all are final."""
     from appliance.replay import replay_file
 
@@ -151,8 +232,18 @@ def _open_readonly(data_dir: Path) -> Store | None:
 
 @main.command()
 @_data_dir_option
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "table"]), default="table", show_default=True)
-@click.option("--state", type=click.Choice([s.value for s in RecordState]), help="Only records in this state.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "table"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--state",
+    type=click.Choice([s.value for s in RecordState]),
+    help="Only records in this state.",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Print at most N records.")
 def records(data_dir: Path, fmt: str, state: str | None, limit: int | None) -> None:
     """List records, oldest first."""
@@ -165,7 +256,9 @@ def records(data_dir: Path, fmt: str, state: str | None, limit: int | None) -> N
         for row in rows:
             click.echo(json.dumps(record_to_json(row), ensure_ascii=False))
         return
-    click.echo(f"{'id':<8}  {'link#seq':<16}  {'state':<9}  {'severity':<8}  summary or error")
+    click.echo(
+        f"{'id':<8}  {'link#seq':<16}  {'state':<9}  {'severity':<8}  summary or error"
+    )
     for row in rows:
         data = json.loads(row["data"]) if row["data"] else {}
         text = data.get("summary") or row["error"] or row["raw"]
@@ -184,19 +277,29 @@ def inspect(data_dir: Path, record_id: str) -> None:
     store = _open_readonly(data_dir)
     row = None
     if store is not None:
-        matches = store.query("SELECT id FROM records WHERE id LIKE ?", (record_id + "%",))
+        matches = store.query(
+            "SELECT id FROM records WHERE id LIKE ?", (record_id + "%",)
+        )
         if len(matches) == 1:
             row = store.get_record(matches[0]["id"])
     if store is None or row is None:
-        _fail(ApplianceError(f"no single record with id {record_id!r} in {str(data_dir)!r}"))
+        _fail(
+            ApplianceError(
+                f"no single record with id {record_id!r} in {str(data_dir)!r}"
+            )
+        )
     assert store is not None and row is not None
     record = record_to_json(row)
     record["model_output"] = row["output"]
     record["history"] = [
         {
-            "at": event["at"], "step": event["step"], "from": event["from_state"],
-            "to": event["to_state"], "attempt": event["attempt"],
-            "duration_s": round(event["duration"] or 0.0, 3), "error": event["error"],
+            "at": event["at"],
+            "step": event["step"],
+            "from": event["from_state"],
+            "to": event["to_state"],
+            "attempt": event["attempt"],
+            "duration_s": round(event["duration"] or 0.0, 3),
+            "error": event["error"],
             "detail": json.loads(event["detail"]) if event["detail"] else None,
         }
         for event in store.events_for(row["id"])
@@ -220,13 +323,37 @@ def status(data_dir: Path, as_json: bool) -> None:
 
 @main.command()
 @_data_dir_option
-@click.option("--upload-url", required=True, help="HTTP endpoint that accepts NDJSON batches.")
-@click.option("--once", is_flag=True, help="Drain the outbox once and exit instead of running until stopped.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=120.0, show_default=True, help="With --once: seconds to keep retrying before giving up.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True, help="Records per batch.")
+@click.option(
+    "--upload-url", required=True, help="HTTP endpoint that accepts NDJSON batches."
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Drain the outbox once and exit instead of running until stopped.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=120.0,
+    show_default=True,
+    help="With --once: seconds to keep retrying before giving up.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Records per batch.",
+)
 @click.option("--no-gzip", is_flag=True, help="Send uncompressed bodies.")
-def sync(data_dir: Path, upload_url: str, once: bool, timeout: float, batch_size: int,
-         no_gzip: bool) -> None:
+def sync(
+    data_dir: Path,
+    upload_url: str,
+    once: bool,
+    timeout: float,
+    batch_size: int,
+    no_gzip: bool,
+) -> None:
     """Upload queued records as NDJSON batches with an Idempotency-Key each."""
     from appliance.sync import Uploader
 
@@ -234,16 +361,26 @@ def sync(data_dir: Path, upload_url: str, once: bool, timeout: float, batch_size
     if not (data_dir / DB_NAME).exists():
         click.echo("nothing to upload: no database in the data directory")
         return
-    uploader = Uploader(data_dir / DB_NAME, upload_url, batch_size=batch_size, compress=not no_gzip)
+    uploader = Uploader(
+        data_dir / DB_NAME, upload_url, batch_size=batch_size, compress=not no_gzip
+    )
     try:
         if once:
             result = uploader.sync(deadline=time.monotonic() + timeout)
-            click.echo(f"uploaded {result.records} records in {result.batches} batches;"
-                       f" {result.remaining} still queued")
+            click.echo(
+                f"uploaded {result.records} records in {result.batches} batches;"
+                f" {result.remaining} still queued"
+            )
             if result.remaining:
-                _fail(ApplianceError(
-                    f"{result.remaining} records still queued after sync: {result.last_error}"
-                ))
+                reason = result.last_error or (
+                    f"the --timeout of {timeout:g} s passed; run sync again or raise "
+                    "--timeout"
+                )
+                _fail(
+                    ApplianceError(
+                        f"{result.remaining} records still queued after sync: {reason}"
+                    )
+                )
             return
         stop = threading.Event()
         while True:

@@ -16,12 +16,6 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from firmware_bridge.counters import LinkCounters
-from firmware_bridge.lines import LineEnding, LineSplitter
-from firmware_bridge.ring_buffer import OverflowPolicy, RingBuffer
-from firmware_bridge.serial_link import SerialLink
-from firmware_bridge.simulator import LineDeviceSimulator, PtyPair, load_sample_lines
-
 from appliance.errors import ApplianceError
 from appliance.grammar import schema_to_gbnf
 from appliance.grammar_check import check_grammar
@@ -33,6 +27,11 @@ from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
 from appliance.sync import Uploader
 from appliance.workflow import Worker, Workflow, inference_jobs, step_jobs
+from firmware_bridge.counters import LinkCounters
+from firmware_bridge.lines import LineEnding, LineSplitter
+from firmware_bridge.ring_buffer import OverflowPolicy, RingBuffer
+from firmware_bridge.serial_link import SerialLink
+from firmware_bridge.simulator import LineDeviceSimulator, PtyPair, load_sample_lines
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +106,9 @@ class Daemon:
         self.stop_event = threading.Event()
         self._cleanups: list[tuple[str, object]] = []
 
-    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+    def request_stop(
+        self, signum: int | None = None, _frame: FrameType | None = None
+    ) -> None:
         if signum is not None:
             logger.info("received signal %d, stopping", signum)
         self.stop_event.set()
@@ -126,7 +127,9 @@ class Daemon:
             Worker("inference", workflow, inference_jobs(workflow)),
             Worker("steps", workflow, step_jobs(workflow)),
         ]
-        link_name = opts.link_name or (DEMO_LINK if opts.demo else Path(opts.port or "port").name)
+        link_name = opts.link_name or (
+            DEMO_LINK if opts.demo else Path(opts.port or "port").name
+        )
         counters = LinkCounters()
         store = Store(db_path(self.data_dir))
         counters.add(store.load_link_counters(link_name))
@@ -141,12 +144,17 @@ class Daemon:
         if opts.demo:
             pty = PtyPair()
             simulator = LineDeviceSimulator(
-                pty.master_fd, load_sample_lines(), rate=opts.demo_rate, start=start_line
+                pty.master_fd,
+                load_sample_lines(),
+                rate=opts.demo_rate,
+                start=start_line,
             )
             port = pty.slave_path
             logger.info(
                 "demo: device simulator replays the BGL sample from line %d at %.1f lines/s on %s",
-                start_line + 1, opts.demo_rate, port,
+                start_line + 1,
+                opts.demo_rate,
+                port,
             )
         assert port is not None
         ring = RingBuffer(opts.ring_capacity, opts.overflow)
@@ -157,15 +165,25 @@ class Daemon:
             if pty is not None:
                 pty.close()
             raise
-        splitter = LineSplitter(counters, opts.line_ending, opts.max_line_bytes, opts.line_timeout)
+        splitter = LineSplitter(
+            counters, opts.line_ending, opts.max_line_bytes, opts.line_timeout
+        )
         intake = LineIntake(
-            link_name, ring, splitter, db_path(self.data_dir), workflow.work_ready,
-            max_records=opts.max_records, max_pending=opts.max_pending,
+            link_name,
+            ring,
+            splitter,
+            db_path(self.data_dir),
+            workflow.work_ready,
+            max_records=opts.max_records,
+            max_pending=opts.max_pending,
         )
         uploader_thread = None
         if opts.upload_url:
             uploader_thread = threading.Thread(
-                target=self._upload_loop, args=(opts.upload_url,), name="uploader", daemon=True
+                target=self._upload_loop,
+                args=(opts.upload_url,),
+                name="uploader",
+                daemon=True,
             )
 
         for worker in workers:
@@ -180,12 +198,13 @@ class Daemon:
         try:
             code = self._supervise(intake, workers, link)
         finally:
-            intake.stop()
+            # Stop the sources first so intake can commit what is buffered.
             if simulator is not None:
                 simulator.stop()
             link.close()
-            ring.close()
+            intake.stop()
             intake.join(timeout=5)
+            ring.close()
             for worker in workers:
                 worker.stop()
             for worker in workers:
@@ -199,19 +218,26 @@ class Daemon:
                 workflow.engine.close()
         return code
 
-    def _supervise(self, intake: LineIntake, workers: list[Worker], link: SerialLink) -> int:
+    def _supervise(
+        self, intake: LineIntake, workers: list[Worker], link: SerialLink
+    ) -> int:
         store = Store(db_path(self.data_dir), readonly=True)
         try:
             while not self.stop_event.wait(0.25):
                 failed = [t for t in (intake, *workers) if getattr(t, "error", None)]
                 if failed:
-                    logger.error("stopping: thread %s failed: %s", failed[0].name, failed[0].error)
+                    logger.error(
+                        "stopping: thread %s failed: %s",
+                        failed[0].name,
+                        failed[0].error,
+                    )
                     return 1
                 if intake.done.is_set() and store.unfinished_count() == 0:
                     counts = store.state_counts()
                     logger.info(
                         "all records final: %d queued, %d uploaded, %d dead",
-                        counts[RecordState.QUEUED], counts[RecordState.UPLOADED],
+                        counts[RecordState.QUEUED],
+                        counts[RecordState.UPLOADED],
                         counts[RecordState.DEAD],
                     )
                     return 0

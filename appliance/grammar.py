@@ -80,7 +80,9 @@ class _GrammarBuilder:
         if "$ref" in node:
             return self._ref(node["$ref"], path)
         if "anyOf" in node:
-            options = [self.visit(n, f"{path}/anyOf/{i}") for i, n in enumerate(node["anyOf"])]
+            options = [
+                self.visit(n, f"{path}/anyOf/{i}") for i, n in enumerate(node["anyOf"])
+            ]
             return "( " + " | ".join(options) + " )"
         if "const" in node:
             return _json_literal(node["const"])
@@ -118,7 +120,9 @@ class _GrammarBuilder:
             return self._ref_names[ref]
         match = re.fullmatch(r"#/\$defs/([A-Za-z0-9_]+)", ref)
         if match is None or match.group(1) not in self.root.get("$defs", {}):
-            raise GrammarError(f"schema node {path!r} has unresolvable $ref {ref!r}", path)
+            raise GrammarError(
+                f"schema node {path!r} has unresolvable $ref {ref!r}", path
+            )
         name = "def-" + re.sub(r"[^a-z0-9]+", "-", match.group(1).lower()).strip("-")
         self._ref_names[ref] = name
         self.rules[name] = self.visit(self.root["$defs"][match.group(1)], ref)

@@ -26,7 +26,9 @@ CHECK_TIMEOUT = 120.0
 """Seconds allowed for the child process, which loads only the vocabulary."""
 
 
-def check_grammar(grammar: str, model_path: Path, cache_dir: Path | None = None) -> None:
+def check_grammar(
+    grammar: str, model_path: Path, cache_dir: Path | None = None
+) -> None:
     """Raise ``GrammarError`` unless llama.cpp parses ``grammar`` for ``model_path``.
 
     Args:
@@ -44,7 +46,13 @@ def check_grammar(grammar: str, model_path: Path, cache_dir: Path | None = None)
     grammar_file.write_text(grammar, encoding="utf-8")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "appliance.grammar_check", str(model_path), str(grammar_file)],
+            [
+                sys.executable,
+                "-m",
+                "appliance.grammar_check",
+                str(model_path),
+                str(grammar_file),
+            ],
             capture_output=True,
             text=True,
             timeout=CHECK_TIMEOUT,
@@ -56,9 +64,15 @@ def check_grammar(grammar: str, model_path: Path, cache_dir: Path | None = None)
     finally:
         grammar_file.unlink(missing_ok=True)
     if proc.returncode != 0:
-        reason = "rejected it" if proc.returncode == 3 else f"crashed (exit {proc.returncode})"
+        reason = (
+            "rejected it"
+            if proc.returncode == 3
+            else f"crashed (exit {proc.returncode})"
+        )
         detail = " ".join(proc.stderr.strip().splitlines()[-3:])
-        raise GrammarError(f"llama.cpp {reason} while parsing the grammar: {detail}", "#")
+        raise GrammarError(
+            f"llama.cpp {reason} while parsing the grammar: {detail}", "#"
+        )
     if marker is not None:
         marker.touch()
     logger.debug("grammar %s accepted by llama.cpp", digest[:12])
@@ -76,7 +90,9 @@ def _child(model_path: str, grammar_path: str) -> int:
         return 4
     vocab = llama_cpp.llama_model_get_vocab(model)
     grammar = Path(grammar_path).read_text(encoding="utf-8")
-    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    sampler = llama_cpp.llama_sampler_init_grammar(
+        vocab, grammar.encode("utf-8"), b"root"
+    )
     ok = bool(sampler)
     if ok:
         llama_cpp.llama_sampler_free(sampler)

@@ -87,7 +87,10 @@ class LlamaEngine:
         self._grammars: dict[str, Any] = {}
         logger.info(
             "model %s loaded in %.2f s (%d threads, context %d)",
-            model_path.name, self.load_seconds, n_threads, n_ctx,
+            model_path.name,
+            self.load_seconds,
+            n_threads,
+            n_ctx,
         )
 
     def _grammar(self, text: str) -> Any:
@@ -191,7 +194,10 @@ class CachedEngine:
         return completion
 
     def _key(
-        self, messages: list[dict[str, str]], grammar: str | None, params: SamplingParams
+        self,
+        messages: list[dict[str, str]],
+        grammar: str | None,
+        params: SamplingParams,
     ) -> str:
         material = json.dumps(
             [self.engine.identity, grammar, messages, dataclasses.asdict(params)],

@@ -9,16 +9,16 @@ taking bytes from the ring buffer, which fills and applies its overflow policy.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from pathlib import Path
 
+from appliance.states import RecordKind
+from appliance.store import Store
 from firmware_bridge.counters import LinkCounters
 from firmware_bridge.lines import Line, LineSplitter
 from firmware_bridge.ring_buffer import RingBuffer
-
-from appliance.states import RecordKind
-from appliance.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ class LineIntake(threading.Thread):
             self._loop(store)
         except BaseException as exc:
             self.error = exc
-            logger.exception("intake for link %s stopped by an unexpected error", self.link)
+            logger.exception(
+                "intake for link %s stopped by an unexpected error", self.link
+            )
         finally:
             self._save_counters(store)
             store.close()
@@ -86,29 +88,71 @@ class LineIntake(threading.Thread):
             now = time.monotonic()
             lines = self.splitter.feed(data, now) if data else []
             lines += self.splitter.poll(now)
-            if self.max_records is not None:
-                lines = lines[: self.max_records - self.received]
             if lines:
-                seq = self._commit(store, lines, seq)
+                seq = self._take(store, lines, seq)
                 last_save = now
             elif now - last_save >= COUNTER_SAVE_INTERVAL:
                 self._save_counters(store)
                 last_save = now
-            if self.max_records is not None and self.received >= self.max_records:
-                self.done.set()
+        if not self.done.is_set():
+            self._drain(store, seq)
+
+    def _drain(self, store: Store, seq: int) -> None:
+        """Commit what the ring buffer and the partial line still hold at stop.
+
+        The link is closed before intake stops, so no more bytes arrive.
+        """
+        lines: list[Line] = []
+        while data := self.ring.get(4096, timeout=0):
+            lines += self.splitter.feed(data, time.monotonic())
+        lines += self.splitter.poll(math.inf)
+        if lines:
+            self._take(store, lines, seq)
+
+    def _take(self, store: Store, lines: list[Line], seq: int) -> int:
+        """Commit ``lines`` up to ``max_records`` and return the next sequence number."""
+        if self.max_records is not None:
+            room = self.max_records - self.received
+            if len(lines) > room:
+                # Lines past the limit were read in the same chunk; they are
+                # not records, so they leave the delivered-lines count.
+                self.counters.lines -= len(lines) - room
+                logger.warning(
+                    "link %s: discarded %d lines read after the %d-record limit",
+                    self.link,
+                    len(lines) - room,
+                    self.max_records,
+                )
+                lines = lines[:room]
+        if lines:
+            seq = self._commit(store, lines, seq)
+        if self.max_records is not None and self.received >= self.max_records:
+            self.done.set()
+        return seq
 
     def _commit(self, store: Store, lines: list[Line], seq: int) -> int:
         with store.transaction() as conn:
             for line in lines:
                 flags = ",".join(
                     name
-                    for name, on in (("truncated", line.truncated), ("timed_out", line.timed_out))
+                    for name, on in (
+                        ("truncated", line.truncated),
+                        ("timed_out", line.timed_out),
+                    )
                     if on
                 )
                 record_id = store.insert_record(
-                    conn, self.link, seq, line.text, line.data, RecordKind.LOG_EVENT, flags
+                    conn,
+                    self.link,
+                    seq,
+                    line.text,
+                    line.data,
+                    RecordKind.LOG_EVENT,
+                    flags,
                 )
-                logger.debug("link %s: record %s received (seq %d)", self.link, record_id, seq)
+                logger.debug(
+                    "link %s: record %s received (seq %d)", self.link, record_id, seq
+                )
                 seq += 1
             store.save_link_counters(conn, self.link, self.counters.as_dict())
         self.received += len(lines)

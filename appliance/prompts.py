@@ -23,19 +23,9 @@ SYSTEM_PROMPT = (
     "that report a corrected condition need no action."
 )
 
+# The model leans towards the answer of the last example, so the last one is
+# the most common kind of line (INFO, no action), not the rare FATAL one.
 EXAMPLES: list[tuple[str, dict[str, object]]] = [
-    (
-        "1117838570 2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 "
-        "R02-M1-N0-C:J12-U11 RAS KERNEL INFO instruction cache parity error corrected",
-        {
-            "severity": "info",
-            "component": "KERNEL",
-            "event_type": "memory",
-            "summary": "An instruction cache parity error was corrected.",
-            "action_required": False,
-            "suggested_action": "",
-        },
-    ),
     (
         "1118536327 2005.06.11 R30-M0-N9-C:J16-U01 2005-06-11-17.18.47.314932 "
         "R30-M0-N9-C:J16-U01 RAS KERNEL FATAL data TLB error interrupt",
@@ -46,6 +36,18 @@ EXAMPLES: list[tuple[str, dict[str, object]]] = [
             "summary": "A data TLB error interrupt stopped the node.",
             "action_required": True,
             "suggested_action": "Check the node's memory and replace the node card if it repeats.",
+        },
+    ),
+    (
+        "1117838570 2005.06.03 R02-M1-N0-C:J12-U11 2005-06-03-15.42.50.675872 "
+        "R02-M1-N0-C:J12-U11 RAS KERNEL INFO instruction cache parity error corrected",
+        {
+            "severity": "info",
+            "component": "KERNEL",
+            "event_type": "memory",
+            "summary": "An instruction cache parity error was corrected.",
+            "action_required": False,
+            "suggested_action": "",
         },
     ),
 ]

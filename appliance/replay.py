@@ -14,9 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-from firmware_bridge.counters import LinkCounters
-from firmware_bridge.lines import LineSplitter
-
 from appliance.daemon import build_workflow, db_path
 from appliance.errors import SetupError
 from appliance.grammar import schema_to_gbnf
@@ -25,6 +22,8 @@ from appliance.log_event import log_event_schema
 from appliance.states import RecordKind, RecordState
 from appliance.store import Store
 from appliance.workflow import Worker, Workflow, inference_jobs, step_jobs
+from firmware_bridge.counters import LinkCounters
+from firmware_bridge.lines import LineSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,9 @@ def replay_file(
     try:
         content = path.read_bytes()
     except OSError as exc:
-        raise SetupError(f"cannot read replay file {str(path)!r}: {exc.strerror}") from exc
+        raise SetupError(
+            f"cannot read replay file {str(path)!r}: {exc.strerror}"
+        ) from exc
     link = f"replay:{path.resolve()}"
     counters = LinkCounters()
     splitter = LineSplitter(counters, max_line_bytes=max_line_bytes)
@@ -61,7 +62,9 @@ def replay_file(
             added = 0
             for seq, line in enumerate(lines, start=1):
                 flags = "truncated" if line.truncated else ""
-                if store.insert_record(conn, link, seq, line.text, line.data, kind, flags):
+                if store.insert_record(
+                    conn, link, seq, line.text, line.data, kind, flags
+                ):
                     added += 1
             store.save_link_counters(conn, link, counters.as_dict())
         logger.info("replay %s: %d lines, %d new records", path, len(lines), added)
@@ -73,7 +76,10 @@ def replay_file(
         workflow = build_workflow(data_dir, model, threads)
     else:
         workflow = Workflow(
-            db_path(data_dir), None, schema_to_gbnf(log_event_schema()), SamplingParams()
+            db_path(data_dir),
+            None,
+            schema_to_gbnf(log_event_schema()),
+            SamplingParams(),
         )
     workers = [Worker("steps", workflow, step_jobs(workflow))]
     if workflow.engine is not None:
@@ -110,7 +116,8 @@ def _link_counts(data_dir: Path, link: str) -> dict[str, int]:
     store = Store(db_path(data_dir), readonly=True)
     try:
         rows = store.query(
-            "SELECT state, COUNT(*) AS n FROM records WHERE link = ? GROUP BY state", (link,)
+            "SELECT state, COUNT(*) AS n FROM records WHERE link = ? GROUP BY state",
+            (link,),
         )
     finally:
         store.close()

@@ -41,7 +41,9 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
             "links": store.all_link_counters(),
             "outbox": {
                 "queued": counts[RecordState.QUEUED],
-                "oldest_queued_age_s": round(time.time() - oldest, 1) if oldest else None,
+                "oldest_queued_age_s": round(time.time() - oldest, 1)
+                if oldest
+                else None,
             },
             "batches": {
                 "delivered": int(batches["delivered"] or 0),

@@ -58,7 +58,9 @@ class Store:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {str(path)!r}: {exc}", path) from exc
+            raise StoreError(
+                f"cannot open database {str(path)!r}: {exc}", path
+            ) from exc
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()
@@ -169,9 +171,13 @@ class Store:
         hint = ""
         if "full" in str(exc).lower():
             hint = ": free space on the data directory's file system"
-        return StoreError(f"database {str(self.path)!r}: {action} failed: {exc}{hint}", self.path)
+        return StoreError(
+            f"database {str(self.path)!r}: {action} failed: {exc}{hint}", self.path
+        )
 
-    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+    def query(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+    ) -> list[sqlite3.Row]:
         """Run a read-only query and return all rows."""
         try:
             return self.conn.execute(sql, params).fetchall()
@@ -210,8 +216,18 @@ class Store:
             "INSERT OR IGNORE INTO records (id, link, seq, kind, state, raw, raw_bytes,"
             " flags, received_at, updated_at, attempts, next_attempt_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
-            (record_id, link, seq, str(kind), RecordState.RECEIVED, raw, raw_bytes,
-             flags, now, now),
+            (
+                record_id,
+                link,
+                seq,
+                str(kind),
+                RecordState.RECEIVED,
+                raw,
+                raw_bytes,
+                flags,
+                now,
+                now,
+            ),
         )
         if cursor.rowcount == 0:
             return None
@@ -234,8 +250,17 @@ class Store:
         conn.execute(
             "INSERT INTO events (record_id, at, step, from_state, to_state, attempt,"
             " duration, error, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record_id, time.time(), step, from_state, to_state, attempt, duration,
-             error, json.dumps(detail) if detail else None),
+            (
+                record_id,
+                time.time(),
+                step,
+                from_state,
+                to_state,
+                attempt,
+                duration,
+                error,
+                json.dumps(detail) if detail else None,
+            ),
         )
 
     def move(

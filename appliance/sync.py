@@ -15,11 +15,13 @@ Body: NDJSON (``application/x-ndjson``), one record per line in the form that
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.utils
 import gzip
 import json
 import logging
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -33,6 +35,10 @@ from appliance.store import Store, record_to_json
 
 logger = logging.getLogger(__name__)
 
+MIN_RETRY_WAIT = 0.5
+"""Seconds waited at least after a Retry-After of 0 or a date in the past."""
+MAX_RETRY_WAIT = 3600.0
+"""Seconds waited at most, whatever Retry-After asks for."""
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """HTTP statuses after which the same batch is sent again later."""
 
@@ -87,7 +93,9 @@ class Uploader:
     def close(self) -> None:
         self._client.close()
 
-    def sync(self, deadline: float | None, stop: threading.Event | None = None) -> SyncResult:
+    def sync(
+        self, deadline: float | None, stop: threading.Event | None = None
+    ) -> SyncResult:
         """Upload queued records until none remain, ``deadline`` passes or ``stop`` is set.
 
         Transient failures are retried with capped exponential backoff and full
@@ -103,8 +111,11 @@ class Uploader:
                 if batch_id is None:
                     break
                 try:
-                    count = self._send(store, batch_id)
+                    count = self._send(store, batch_id, deadline)
                 except PermanentUploadError as exc:
+                    # TODO: move the records of a batch rejected with a 4xx to
+                    # dead with the status; until then the batch stays first in
+                    # line and blocks the outbox behind it.
                     result.failures += 1
                     result.last_error = str(exc)
                     logger.error("batch %s rejected: %s", batch_id, exc)
@@ -113,13 +124,15 @@ class Uploader:
                     result.failures += 1
                     result.last_error = str(exc)
                     failures_in_row += 1
-                    wait = exc.retry_after
-                    if wait is None:
-                        wait = random.uniform(0, min(self.max_backoff, 0.5 * 2**failures_in_row))
+                    wait = self._retry_wait(exc, failures_in_row)
                     if deadline is not None and time.monotonic() + wait > deadline:
-                        logger.warning("batch %s failed, deadline reached: %s", batch_id, exc)
+                        logger.warning(
+                            "batch %s failed, deadline reached: %s", batch_id, exc
+                        )
                         break
-                    logger.warning("batch %s failed, retrying in %.1f s: %s", batch_id, wait, exc)
+                    logger.warning(
+                        "batch %s failed, retrying in %.1f s: %s", batch_id, wait, exc
+                    )
                     if stop is not None:
                         if stop.wait(wait):
                             break
@@ -136,6 +149,17 @@ class Uploader:
             store.close()
         return result
 
+    def _retry_wait(self, exc: TransientUploadError, failures_in_row: int) -> float:
+        """Return seconds to wait before resending after a transient failure.
+
+        The server's ``Retry-After`` wins, clamped to [MIN_RETRY_WAIT,
+        MAX_RETRY_WAIT] so neither ``0`` nor a far-future date stalls or spins
+        the uploader; otherwise capped exponential backoff with full jitter.
+        """
+        if exc.retry_after is not None:
+            return min(max(exc.retry_after, MIN_RETRY_WAIT), MAX_RETRY_WAIT)
+        return random.uniform(0, min(self.max_backoff, 0.5 * 2**failures_in_row))
+
     def _next_batch(self, store: Store) -> str | None:
         """Return an open batch to resend, or assign queued records to a new one."""
         rows = store.query(
@@ -146,16 +170,15 @@ class Uploader:
         if rows:
             return str(rows[0]["batch_id"])
         candidates = store.query(
-            "SELECT id, LENGTH(raw) + LENGTH(COALESCE(data, '')) AS size FROM records"
-            " WHERE state = ? AND batch_id IS NULL ORDER BY received_at, link, seq LIMIT ?",
+            "SELECT * FROM records WHERE state = ? AND batch_id IS NULL"
+            " ORDER BY received_at, link, seq LIMIT ?",
             (str(RecordState.QUEUED), self.batch_size),
         )
         if not candidates:
             return None
         chosen, total = [], 0
         for row in candidates:
-            # 400 bytes covers the JSON keys and metadata around raw and data.
-            size = int(row["size"]) + 400
+            size = len(ndjson_line(row))
             if chosen and total + size > self.max_batch_bytes:
                 break
             chosen.append(row["id"])
@@ -174,16 +197,13 @@ class Uploader:
             )
         return batch_id
 
-    def _send(self, store: Store, batch_id: str) -> int:
+    def _send(self, store: Store, batch_id: str, deadline: float | None) -> int:
         rows = store.query(
             "SELECT * FROM records WHERE batch_id = ? AND state = ?"
             " ORDER BY received_at, link, seq",
             (batch_id, str(RecordState.QUEUED)),
         )
-        body = b"".join(
-            json.dumps(record_to_json(row), ensure_ascii=False).encode("utf-8") + b"\n"
-            for row in rows
-        )
+        body = b"".join(ndjson_line(row) for row in rows)
         headers = {"Content-Type": "application/x-ndjson", "Idempotency-Key": batch_id}
         if self.compress:
             body = gzip.compress(body, mtime=0)
@@ -191,7 +211,12 @@ class Uploader:
         started = time.perf_counter()
         status: int | None = None
         try:
-            response = self._client.post(self.url, content=body, headers=headers)
+            timeout = self.timeout
+            if deadline is not None:
+                timeout = min(timeout, max(0.1, deadline - time.monotonic()))
+            response = self._client.post(
+                self.url, content=body, headers=headers, timeout=timeout
+            )
             status = response.status_code
             self._check(response, batch_id)
         except UploadError as exc:
@@ -213,17 +238,29 @@ class Uploader:
             ids = [row["id"] for row in rows]
             for record_id in ids:
                 if store.move(
-                    conn, record_id, RecordState.QUEUED, RecordState.UPLOADED,
+                    conn,
+                    record_id,
+                    RecordState.QUEUED,
+                    RecordState.UPLOADED,
                     uploaded_at=now,
                 ):
                     store.add_event(
-                        conn, record_id, "upload", RecordState.QUEUED,
-                        RecordState.UPLOADED, 1, time.perf_counter() - started,
+                        conn,
+                        record_id,
+                        "upload",
+                        RecordState.QUEUED,
+                        RecordState.UPLOADED,
+                        1,
+                        time.perf_counter() - started,
                         detail={"batch_id": batch_id, "status": status},
                     )
         logger.info(
             "batch %s: %d records uploaded (HTTP %s, %d bytes, %.2f s)",
-            batch_id, len(rows), status, len(body), time.perf_counter() - started,
+            batch_id,
+            len(rows),
+            status,
+            len(body),
+            time.perf_counter() - started,
         )
         return len(rows)
 
@@ -235,12 +272,19 @@ class Uploader:
         message = f"POST {self.url} answered HTTP {status}: {excerpt!r}"
         if status in RETRYABLE_STATUS:
             raise TransientUploadError(
-                message, batch_id, status, parse_retry_after(response.headers.get("Retry-After"))
+                message,
+                batch_id,
+                status,
+                parse_retry_after(response.headers.get("Retry-After")),
             )
-        raise PermanentUploadError(message + "; the batch stays queued", batch_id, status)
+        raise PermanentUploadError(
+            message + "; the batch stays queued", batch_id, status
+        )
 
     @staticmethod
-    def _record_attempt(store: Store, batch_id: str, status: int | None, error: str) -> None:
+    def _record_attempt(
+        store: Store, batch_id: str, status: int | None, error: str
+    ) -> None:
         with store.transaction() as conn:
             conn.execute(
                 "UPDATE batches SET attempts = attempts + 1, last_status = ?,"
@@ -258,12 +302,18 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        return None
+        # The obsolete asctime form carries no zone; HTTP dates are GMT.
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def ndjson_line(row: sqlite3.Row) -> bytes:
+    """Return one record as an NDJSON line, as ``records --format jsonl`` prints it."""
+    return json.dumps(record_to_json(row), ensure_ascii=False).encode("utf-8") + b"\n"

@@ -44,7 +44,10 @@ class Engine(Protocol):
     model_name: str
 
     def complete(
-        self, messages: list[dict[str, str]], grammar: str | None, params: SamplingParams
+        self,
+        messages: list[dict[str, str]],
+        grammar: str | None,
+        params: SamplingParams,
     ) -> Completion: ...
 
 
@@ -96,10 +99,14 @@ class Workflow:
                 seed=attempt,
             )
         try:
-            completion = self.engine.complete(build_messages(row["raw"]), self.grammar, params)
+            completion = self.engine.complete(
+                build_messages(row["raw"]), self.grammar, params
+            )
         except InferenceError as exc:
             exc.record_id = record_id
-            return self._fail(store, record_id, RecordState.RECEIVED, "infer", attempt, exc, 0.0)
+            return self._fail(
+                store, record_id, RecordState.RECEIVED, "infer", attempt, exc, 0.0
+            )
 
         detail = {
             "model": self.engine.model_name,
@@ -114,14 +121,24 @@ class Workflow:
         }
         with store.transaction() as conn:
             moved = store.move(
-                conn, record_id, RecordState.RECEIVED, RecordState.INFERRED,
-                output=completion.text, attempts=attempt,
+                conn,
+                record_id,
+                RecordState.RECEIVED,
+                RecordState.INFERRED,
+                output=completion.text,
+                attempts=attempt,
                 error=None if completion.finish_reason == "stop" else "truncated",
             )
             if moved:
                 store.add_event(
-                    conn, record_id, "infer", RecordState.RECEIVED, RecordState.INFERRED,
-                    attempt, completion.duration, detail=detail,
+                    conn,
+                    record_id,
+                    "infer",
+                    RecordState.RECEIVED,
+                    RecordState.INFERRED,
+                    attempt,
+                    completion.duration,
+                    detail=detail,
                 )
         self.work_ready.set()
         return moved
@@ -133,22 +150,38 @@ class Workflow:
             return False
         started = time.perf_counter()
         try:
-            data = parse_log_event(row["output"] or "", truncated=row["error"] == "truncated")
+            data = parse_log_event(
+                row["output"] or "", truncated=row["error"] == "truncated"
+            )
         except InvalidOutputError as exc:
             exc.record_id = record_id
             return self._fail(
-                store, record_id, RecordState.INFERRED, "validate", row["attempts"], exc,
+                store,
+                record_id,
+                RecordState.INFERRED,
+                "validate",
+                row["attempts"],
+                exc,
                 time.perf_counter() - started,
             )
         with store.transaction() as conn:
             moved = store.move(
-                conn, record_id, RecordState.INFERRED, RecordState.VALIDATED,
-                data=json.dumps(data, separators=(",", ":")), error=None,
+                conn,
+                record_id,
+                RecordState.INFERRED,
+                RecordState.VALIDATED,
+                data=json.dumps(data, separators=(",", ":")),
+                error=None,
             )
             if moved:
                 store.add_event(
-                    conn, record_id, "validate", RecordState.INFERRED,
-                    RecordState.VALIDATED, row["attempts"], time.perf_counter() - started,
+                    conn,
+                    record_id,
+                    "validate",
+                    RecordState.INFERRED,
+                    RecordState.VALIDATED,
+                    row["attempts"],
+                    time.perf_counter() - started,
                 )
         return moved
 
@@ -163,27 +196,45 @@ class Workflow:
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         except ValueError as exc:
             error = InvalidOutputError(f"line is not a JSON object: {exc}", record_id)
-            return self._dead(store, record_id, RecordState.RECEIVED, "decode", 1, error, 0.0)
+            return self._dead(
+                store, record_id, RecordState.RECEIVED, "decode", 1, error, 0.0
+            )
         with store.transaction() as conn:
             moved = store.move(
-                conn, record_id, RecordState.RECEIVED, RecordState.VALIDATED,
-                data=json.dumps(data, separators=(",", ":")), attempts=1,
+                conn,
+                record_id,
+                RecordState.RECEIVED,
+                RecordState.VALIDATED,
+                data=json.dumps(data, separators=(",", ":")),
+                attempts=1,
             )
             if moved:
                 store.add_event(
-                    conn, record_id, "decode", RecordState.RECEIVED,
-                    RecordState.VALIDATED, 1, 0.0,
+                    conn,
+                    record_id,
+                    "decode",
+                    RecordState.RECEIVED,
+                    RecordState.VALIDATED,
+                    1,
+                    0.0,
                 )
         return moved
 
     def enqueue(self, store: Store, record_id: str) -> bool:
         """Put a validated record into the outbox."""
         with store.transaction() as conn:
-            moved = store.move(conn, record_id, RecordState.VALIDATED, RecordState.QUEUED)
+            moved = store.move(
+                conn, record_id, RecordState.VALIDATED, RecordState.QUEUED
+            )
             if moved:
                 store.add_event(
-                    conn, record_id, "enqueue", RecordState.VALIDATED, RecordState.QUEUED,
-                    0, 0.0,
+                    conn,
+                    record_id,
+                    "enqueue",
+                    RecordState.VALIDATED,
+                    RecordState.QUEUED,
+                    0,
+                    0.0,
                 )
         if moved:
             self._finished(store, record_id)
@@ -206,17 +257,32 @@ class Workflow:
         delay = self.policy.delay(attempt)
         with store.transaction() as conn:
             moved = store.move(
-                conn, record_id, state, RecordState.RECEIVED, attempts=attempt,
-                error=str(error), next_attempt_at=time.time() + delay,
+                conn,
+                record_id,
+                state,
+                RecordState.RECEIVED,
+                attempts=attempt,
+                error=str(error),
+                next_attempt_at=time.time() + delay,
             )
             if moved:
                 store.add_event(
-                    conn, record_id, step, state, RecordState.RECEIVED, attempt,
-                    duration, error=str(error),
+                    conn,
+                    record_id,
+                    step,
+                    state,
+                    RecordState.RECEIVED,
+                    attempt,
+                    duration,
+                    error=str(error),
                 )
         logger.warning(
             "record %s: %s attempt %d failed, retrying in %.1f s: %s",
-            record_id, step, attempt, delay, error,
+            record_id,
+            step,
+            attempt,
+            delay,
+            error,
         )
         return moved
 
@@ -232,15 +298,27 @@ class Workflow:
     ) -> bool:
         with store.transaction() as conn:
             moved = store.move(
-                conn, record_id, state, RecordState.DEAD, attempts=attempt,
+                conn,
+                record_id,
+                state,
+                RecordState.DEAD,
+                attempts=attempt,
                 error=f"{step}: {error}",
             )
             if moved:
                 store.add_event(
-                    conn, record_id, step, state, RecordState.DEAD, attempt, duration,
+                    conn,
+                    record_id,
+                    step,
+                    state,
+                    RecordState.DEAD,
+                    attempt,
+                    duration,
                     error=str(error),
                 )
-        logger.warning("record %s: dead after %s attempt %d: %s", record_id, step, attempt, error)
+        logger.warning(
+            "record %s: dead after %s attempt %d: %s", record_id, step, attempt, error
+        )
         if moved:
             self._finished(store, record_id)
         return moved
@@ -263,7 +341,9 @@ def parse_log_event(text: str, truncated: bool = False) -> dict[str, object]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidOutputError(f"output is not valid JSON ({exc}): {excerpt!r}") from exc
+        raise InvalidOutputError(
+            f"output is not valid JSON ({exc}): {excerpt!r}"
+        ) from exc
     try:
         event = LogEvent.model_validate(value)
     except pydantic.ValidationError as exc:
@@ -320,7 +400,9 @@ class Worker(threading.Thread):
         self.workflow.work_ready.set()
 
 
-def inference_jobs(workflow: Workflow) -> Callable[[Store], list[tuple[str, Callable[[Store, str], bool]]]]:
+def inference_jobs(
+    workflow: Workflow,
+) -> Callable[[Store], list[tuple[str, Callable[[Store, str], bool]]]]:
     """Job selector of the inference worker: one received log_event at a time."""
 
     def select(store: Store) -> list[tuple[str, Callable[[Store, str], bool]]]:
@@ -330,7 +412,9 @@ def inference_jobs(workflow: Workflow) -> Callable[[Store], list[tuple[str, Call
     return select
 
 
-def step_jobs(workflow: Workflow) -> Callable[[Store], list[tuple[str, Callable[[Store, str], bool]]]]:
+def step_jobs(
+    workflow: Workflow,
+) -> Callable[[Store], list[tuple[str, Callable[[Store, str], bool]]]]:
     """Job selector of the step worker: everything except inference."""
     activities: dict[tuple[str, str], Callable[[Store, str], bool]] = {
         (RecordState.RECEIVED, RecordKind.JSON): workflow.decode_json,

@@ -48,7 +48,9 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.platform()}"
 
 
-def _tokens_per_second(engine: LlamaEngine, lines: list[str], grammar: str | None) -> tuple[float, float]:
+def _tokens_per_second(
+    engine: LlamaEngine, lines: list[str], grammar: str | None
+) -> tuple[float, float]:
     """Return (generated tokens per second, mean seconds per record) over ``lines``."""
     params = SamplingParams(max_tokens=160)
     # Warm the shared prompt prefix so every measured call evaluates only its line.
@@ -72,7 +74,8 @@ def _pipeline(lines: list[str]) -> tuple[float, float, float]:
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         subprocess.run(
             [appliance, "replay", str(sample), "--data-dir", str(Path(tmp) / "d")],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
         wall = time.perf_counter() - started
         peak_kib = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
@@ -81,8 +84,12 @@ def _pipeline(lines: list[str]) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lines", type=int, default=20, help="sample lines in the slice")
-    parser.add_argument("--output", type=Path, help="markdown file to append results to")
+    parser.add_argument(
+        "--lines", type=int, default=20, help="sample lines in the slice"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="markdown file to append results to"
+    )
     args = parser.parse_args()
 
     lines = load_sample_lines()[SLICE_START : SLICE_START + args.lines]
@@ -94,10 +101,20 @@ def main() -> None:
         rows.append((f"model load ({threads} thread)", f"{engine.load_seconds:.2f} s"))
         for label, g in (("with grammar", grammar), ("without grammar", None)):
             tok_s, per_call = _tokens_per_second(engine, lines[:10], g)
-            rows.append((f"generation, {label}, {threads} thread", f"{tok_s:.1f} tok/s ({per_call:.2f} s per record)"))
+            rows.append(
+                (
+                    f"generation, {label}, {threads} thread",
+                    f"{tok_s:.1f} tok/s ({per_call:.2f} s per record)",
+                )
+            )
         engine.close()
     rate, wall, rss = _pipeline(lines)
-    rows.append((f"pipeline, replay of {len(lines)} lines", f"{rate:.2f} records/s ({wall:.1f} s wall, model load included)"))
+    rows.append(
+        (
+            f"pipeline, replay of {len(lines)} lines",
+            f"{rate:.2f} records/s ({wall:.1f} s wall, model load included)",
+        )
+    )
     rows.append(("pipeline peak RSS", f"{rss:.0f} MiB"))
 
     today = datetime.date.today().isoformat()
@@ -118,7 +135,9 @@ def main() -> None:
     print(text)
     if args.output:
         if not args.output.exists():
-            args.output.write_text("# Benchmarks\n\nEach section is one `make bench` run.\n\n")
+            args.output.write_text(
+                "# Benchmarks\n\nEach section is one `make bench` run.\n\n"
+            )
         with args.output.open("a", encoding="utf-8") as out:
             out.write(text + "\n")
 

@@ -44,4 +44,8 @@ class LinkCounters:
     def add(self, other: dict[str, int]) -> None:
         """Add counts loaded from an earlier run, ignoring unknown names."""
         for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + int(other.get(field.name, 0)))
+            setattr(
+                self,
+                field.name,
+                getattr(self, field.name) + int(other.get(field.name, 0)),
+            )

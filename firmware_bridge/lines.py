@@ -75,20 +75,29 @@ class LineSplitter:
         self._pending_since: float | None = None
         self._discarding = False
         self._skip_lf = False
+        self._held_cr = False
 
     def feed(self, data: bytes, now: float) -> list[Line]:
         """Consume ``data`` read at monotonic time ``now`` and return finished lines."""
         lines: list[Line] = []
         i = 0
         if self._skip_lf and data:
-            # The previous read ended in CR; an LF now completes that CRLF.
+            # The previous read ended in a CR that ended a line; an LF now
+            # completes that CRLF.
             if data[0] == 0x0A:
                 i = 1
             self._skip_lf = False
+        if self._held_cr and data:
+            self._held_cr = False
+            if data[0] == 0x0A:
+                self._finish_at_ending(lines)
+                i = 1
+            else:
+                self._append(b"\r", now, lines)
         while i < len(data):
             end, width = self._find_ending(data, i)
             if end < 0:
-                self._append(data[i:], now, lines)
+                self._append_tail(data[i:], now, lines)
                 break
             self._append(data[i:end], now, lines)
             self._finish_at_ending(lines)
@@ -104,9 +113,30 @@ class LineSplitter:
         """Deliver the partial line if its deadline has passed."""
         if self._pending_since is None or now - self._pending_since < self.line_timeout:
             return []
+        if self._held_cr:
+            # The deadline fell between a CR and its LF: end the line at the CR
+            # and let a following LF complete that ending.
+            self._held_cr = False
+            self._skip_lf = True
         self.counters.line_timeouts += 1
         line = self._emit(timed_out=True)
         return [line] if line is not None else []
+
+    def _append_tail(self, chunk: bytes, now: float, lines: list[Line]) -> None:
+        """Append the end of a read, holding back a final CR in ``lf``/``crlf`` mode.
+
+        That CR may be the first half of a CRLF split across reads. Holding it
+        outside the line keeps it from counting against ``max_line_bytes`` or
+        being discarded with a long line's tail.
+        """
+        holds = self.line_ending in (LineEnding.LF, LineEnding.CRLF)
+        if holds and chunk.endswith(b"\r"):
+            self._append(chunk[:-1], now, lines)
+            self._held_cr = True
+            if self._pending_since is None and not self._discarding:
+                self._pending_since = now
+            return
+        self._append(chunk, now, lines)
 
     def _find_ending(self, data: bytes, start: int) -> tuple[int, int]:
         """Return (index, width) of the next line ending, or (-1, 0).
@@ -116,14 +146,13 @@ class LineSplitter:
         mode = self.line_ending
         if mode is LineEnding.LF:
             j = data.find(b"\n", start)
+            if j > start and data[j - 1] == 0x0D:
+                return j - 1, 2
             return (j, 1) if j >= 0 else (-1, 0)
         if mode is LineEnding.CR:
             j = data.find(b"\r", start)
             return (j, 1) if j >= 0 else (-1, 0)
         if mode is LineEnding.CRLF:
-            if start == 0 and data[:1] == b"\n" and self._pending.endswith(b"\r"):
-                del self._pending[-1]
-                return 0, 1
             j = data.find(b"\r\n", start)
             return (j, 2) if j >= 0 else (-1, 0)
 
@@ -157,8 +186,6 @@ class LineSplitter:
         if self._discarding:
             self._discarding = False
             return
-        if self.line_ending is LineEnding.LF and self._pending.endswith(b"\r"):
-            del self._pending[-1]
         line = self._emit()
         if line is not None:
             lines.append(line)

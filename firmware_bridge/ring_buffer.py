@@ -64,9 +64,7 @@ class RingBuffer:
     def closed(self) -> bool:
         return self._closed
 
-    def put(
-        self, data: bytes, should_stop: Callable[[], bool] | None = None
-    ) -> int:
+    def put(self, data: bytes, should_stop: Callable[[], bool] | None = None) -> int:
         """Append ``data`` and return the number of bytes stored.
 
         Under ``block`` the call waits for space in slices of 0.1 s and returns
@@ -103,15 +101,19 @@ class RingBuffer:
             return stored
 
     def _put_dropping(self, view: memoryview) -> int:
+        overflowed = False
         if len(view) > self.capacity:
+            overflowed = True
             self.dropped_bytes += len(view) - self.capacity
             view = view[len(view) - self.capacity :]
         excess = self._size + len(view) - self.capacity
         if excess > 0:
-            self.overflows += 1
+            overflowed = True
             self.dropped_bytes += excess
             self._start = (self._start + excess) % self.capacity
             self._size -= excess
+        if overflowed:
+            self.overflows += 1
         self._write(view)
         self._cond.notify_all()
         return len(view)

@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import threading
-import time
 
 import serial
 
@@ -44,6 +43,10 @@ def open_port(url: str, baudrate: int, read_timeout: float) -> serial.SerialBase
 
 def _port_error(url: str, exc: BaseException) -> PortError:
     code = getattr(exc, "errno", None)
+    if code is None:
+        # pyserial's URL handlers raise SerialException without an errno and
+        # keep the socket error as the context.
+        code = getattr(exc.__cause__ or exc.__context__, "errno", None)
     if code == errno.ENOENT or ("://" not in url and not os.path.exists(url)):
         return PortNotFoundError(
             f"serial port {url!r} not found: check that the device is plugged in and "
@@ -52,11 +55,15 @@ def _port_error(url: str, exc: BaseException) -> PortError:
         )
     if code in (errno.EACCES, errno.EPERM):
         group = _group_of(url)
-        hint = f"add the service user to group {group!r}" if group else "check its mode"
+        if group and group != "root":
+            hint = (
+                f"add the service user to group {group!r} (`sudo usermod -aG "
+                f"{group} USER`, then log in again)"
+            )
+        else:
+            hint = "grant the service user read and write access to it"
         return PortPermissionError(
-            f"permission denied opening serial port {url!r}: {hint} "
-            "(for example `sudo usermod -aG GROUP USER`, then log in again)",
-            url,
+            f"permission denied opening serial port {url!r}: {hint}", url
         )
     if code == errno.ECONNREFUSED:
         return PortNotFoundError(

@@ -92,7 +92,9 @@ class LineDeviceSimulator:
         self.line_ending = line_ending
         self.sent = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="device-sim", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="device-sim", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

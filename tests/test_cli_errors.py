@@ -9,7 +9,9 @@ from tests.conftest import APPLIANCE
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([APPLIANCE, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [APPLIANCE, *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -28,8 +30,14 @@ def test_missing_port_says_how_to_fix(tmp_path: Path) -> None:
 
 
 def test_missing_model_names_path(tmp_path: Path) -> None:
-    result = _run("run", "--demo", "--model", str(tmp_path / "none.gguf"),
-                  "--data-dir", str(tmp_path / "d"))
+    result = _run(
+        "run",
+        "--demo",
+        "--model",
+        str(tmp_path / "none.gguf"),
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
     assert result.returncode == 1
     assert str(tmp_path / "none.gguf") in _error_lines(result)[0]
 
@@ -37,7 +45,9 @@ def test_missing_model_names_path(tmp_path: Path) -> None:
 def test_truncated_model_file_is_an_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    result = _run("run", "--demo", "--model", str(bad), "--data-dir", str(tmp_path / "d"))
+    result = _run(
+        "run", "--demo", "--model", str(bad), "--data-dir", str(tmp_path / "d")
+    )
     assert result.returncode == 1
     assert len(_error_lines(result)) == 1
 

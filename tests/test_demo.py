@@ -26,16 +26,32 @@ FINAL = {"queued", "uploaded", "dead"}
 def _records(data_dir: Path) -> list[dict]:
     out = subprocess.run(
         [APPLIANCE, "records", "--data-dir", str(data_dir), "--format", "jsonl"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def _run_demo(data_dir: Path, n: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _run_demo(
+    data_dir: Path, n: int, env: dict[str, str]
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [APPLIANCE, "run", "--demo", "--max-records", str(n), "--demo-rate", "20",
-         "--data-dir", str(data_dir)],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            APPLIANCE,
+            "run",
+            "--demo",
+            "--max-records",
+            str(n),
+            "--demo-rate",
+            "20",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -77,7 +93,9 @@ def test_demo_data_validates_against_schema_file(demo_dir: Path) -> None:
 def test_demo_status_counts_link_lines(demo_dir: Path) -> None:
     out = subprocess.run(
         [APPLIANCE, "status", "--json", "--data-dir", str(demo_dir)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     status = json.loads(out)
     assert status["links"]["demo"]["lines"] >= 6
@@ -94,9 +112,20 @@ def test_demo_rerun_continues_the_sample(demo_dir: Path, child_env_module) -> No
 def test_sigkill_then_rerun_loses_nothing(tmp_path: Path, child_env_module) -> None:
     data_dir = tmp_path / "killed"
     proc = subprocess.Popen(
-        [APPLIANCE, "run", "--demo", "--max-records", "12", "--demo-rate", "20",
-         "--data-dir", str(data_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env_module,
+        [
+            APPLIANCE,
+            "run",
+            "--demo",
+            "--max-records",
+            "12",
+            "--demo-rate",
+            "20",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=child_env_module,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -122,7 +151,10 @@ def test_replay_twice_adds_no_duplicates(tmp_path: Path, child_env_module) -> No
     for _ in range(2):
         result = subprocess.run(
             [APPLIANCE, "replay", str(sample), "--data-dir", str(tmp_path / "d")],
-            capture_output=True, text=True, timeout=300, env=child_env_module,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=child_env_module,
         )
         assert result.returncode == 0, result.stderr[-2000:]
     assert len(_records(tmp_path / "d")) == 3

@@ -24,19 +24,25 @@ def _obj(**props: dict) -> dict:
 
 
 def test_string_is_length_bounded() -> None:
-    grammar = schema_to_gbnf(_obj(name={"type": "string", "minLength": 2, "maxLength": 9}))
+    grammar = schema_to_gbnf(
+        _obj(name={"type": "string", "minLength": 2, "maxLength": 9})
+    )
     assert "char{2,9}" in grammar
 
 
 def test_string_excludes_control_characters() -> None:
     grammar = schema_to_gbnf(_obj(name={"type": "string", "maxLength": 5}))
-    char_rule = next(line for line in grammar.splitlines() if line.startswith("char ::="))
+    char_rule = next(
+        line for line in grammar.splitlines() if line.startswith("char ::=")
+    )
     assert r"\x00-\x1F\x7F" in char_rule
 
 
 def test_string_escapes_exclude_newline() -> None:
     grammar = schema_to_gbnf(_obj(name={"type": "string", "maxLength": 5}))
-    char_rule = next(line for line in grammar.splitlines() if line.startswith("char ::="))
+    char_rule = next(
+        line for line in grammar.splitlines() if line.startswith("char ::=")
+    )
     assert "n" not in char_rule.split('"\\\\"', 1)[1]
 
 
@@ -58,7 +64,14 @@ def test_const_matches_compact_json() -> None:
 
 def test_array_honours_min_and_max_items() -> None:
     grammar = schema_to_gbnf(
-        _obj(tags={"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3})
+        _obj(
+            tags={
+                "type": "array",
+                "items": {"type": "boolean"},
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        )
     )
     assert "){0,2}" in grammar
 
@@ -72,9 +85,15 @@ def test_no_whitespace_between_tokens() -> None:
 @pytest.mark.parametrize(
     ("schema", "field"),
     [
-        (_obj(code={"type": "string", "maxLength": 4, "pattern": r"\d+"}), "#/properties/code"),
+        (
+            _obj(code={"type": "string", "maxLength": 4, "pattern": r"\d+"}),
+            "#/properties/code",
+        ),
         (_obj(note={"type": "string"}), "#/properties/note"),
-        (_obj(items={"type": "array", "items": {"type": "null"}}), "#/properties/items"),
+        (
+            _obj(items={"type": "array", "items": {"type": "null"}}),
+            "#/properties/items",
+        ),
         (_obj(price={"type": "number"}), "#/properties/price"),
     ],
 )
@@ -106,7 +125,9 @@ def test_schema_file_is_valid_json_schema() -> None:
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("path", sorted(GRAMMAR_DIR.glob("*.gbnf")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(GRAMMAR_DIR.glob("*.gbnf")), ids=lambda p: p.name
+)
 def test_grammar_file_compiles_in_llama_cpp(path: Path, model_path: Path) -> None:
     check_grammar(path.read_text(encoding="utf-8"), model_path)
 

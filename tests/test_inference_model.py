@@ -25,7 +25,11 @@ def test_grammar_output_validates(engine, line: str) -> None:
     completion = engine.complete(build_messages(line), GRAMMAR, SamplingParams())
     assert completion.finish_reason == "stop"
     assert parse_log_event(completion.text)["severity"] in {
-        "debug", "info", "warning", "error", "critical"
+        "debug",
+        "info",
+        "warning",
+        "error",
+        "critical",
     }
 
 

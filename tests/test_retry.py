@@ -7,12 +7,16 @@ from appliance.retry import RetryPolicy
 
 
 def test_delay_grows_by_coefficient() -> None:
-    policy = RetryPolicy(initial_interval=1.0, backoff_coefficient=3.0, maximum_interval=100.0)
+    policy = RetryPolicy(
+        initial_interval=1.0, backoff_coefficient=3.0, maximum_interval=100.0
+    )
     assert [policy.delay(n) for n in (1, 2, 3)] == [1.0, 3.0, 9.0]
 
 
 def test_delay_is_capped() -> None:
-    policy = RetryPolicy(initial_interval=1.0, backoff_coefficient=2.0, maximum_interval=5.0)
+    policy = RetryPolicy(
+        initial_interval=1.0, backoff_coefficient=2.0, maximum_interval=5.0
+    )
     assert policy.delay(10) == 5.0
 
 

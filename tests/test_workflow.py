@@ -38,12 +38,18 @@ def store(tmp_path: Path):
 def _workflow(store: Store, answers: list) -> tuple[Workflow, FakeEngine]:
     engine = FakeEngine(answers)
     policy = RetryPolicy(initial_interval=0.0, maximum_interval=0.0, maximum_attempts=3)
-    flow = Workflow(store.path, engine, schema_to_gbnf(log_event_schema()), SamplingParams(), policy)
+    flow = Workflow(
+        store.path, engine, schema_to_gbnf(log_event_schema()), SamplingParams(), policy
+    )
     return flow, engine
 
 
-def _receive(store: Store, raw: str = "RAS KERNEL FATAL data TLB error", seq: int = 1,
-             kind: RecordKind = RecordKind.LOG_EVENT) -> str:
+def _receive(
+    store: Store,
+    raw: str = "RAS KERNEL FATAL data TLB error",
+    seq: int = 1,
+    kind: RecordKind = RecordKind.LOG_EVENT,
+) -> str:
     with store.transaction() as conn:
         record_id = store.insert_record(conn, "test", seq, raw, raw.encode(), kind)
     assert record_id is not None
@@ -135,7 +141,9 @@ def test_activity_run_twice_moves_record_once(store: Store) -> None:
 
 def test_json_record_needs_no_model(store: Store) -> None:
     flow = Workflow(store.path, None, "", SamplingParams())
-    record_id = _receive(store, '{"sensor": "pump-1", "temp_c": 21}', kind=RecordKind.JSON)
+    record_id = _receive(
+        store, '{"sensor": "pump-1", "temp_c": 21}', kind=RecordKind.JSON
+    )
     flow.decode_json(store, record_id)
     flow.enqueue(store, record_id)
     assert _state(store, record_id) == RecordState.QUEUED
