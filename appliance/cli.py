@@ -93,9 +93,9 @@ def main() -> None:
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    default=1,
+    default=2,
     show_default=True,
-    help="llama.cpp CPU threads.",
+    help="llama.cpp CPU threads (see docs/benchmarks.md).",
 )
 @click.option(
     "--demo-rate",
@@ -197,9 +197,9 @@ def run(
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    default=1,
+    default=2,
     show_default=True,
-    help="llama.cpp CPU threads.",
+    help="llama.cpp CPU threads (see docs/benchmarks.md).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every state change.")
 def replay(

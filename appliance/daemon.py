@@ -66,8 +66,8 @@ class RunOptions:
     """Upload queued records here in the background."""
     model: str | None = None
     """GGUF file; None uses the default model's manifest."""
-    threads: int = 1
-    """llama.cpp threads; see docs/benchmarks.md for the measurement behind 1."""
+    threads: int = 2
+    """llama.cpp threads; docs/benchmarks.md has the measurement behind 2."""
     link_name: str | None = None
     """Name stored on records; defaults to ``demo`` or the port's file name."""
 

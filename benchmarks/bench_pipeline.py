@@ -98,12 +98,13 @@ def main() -> None:
     rows = []
     for threads in (1, 2):
         engine = LlamaEngine(model_path, n_ctx=2048, n_threads=threads)
-        rows.append((f"model load ({threads} thread)", f"{engine.load_seconds:.2f} s"))
+        unit = "thread" if threads == 1 else "threads"
+        rows.append((f"model load ({threads} {unit})", f"{engine.load_seconds:.2f} s"))
         for label, g in (("with grammar", grammar), ("without grammar", None)):
             tok_s, per_call = _tokens_per_second(engine, lines[:10], g)
             rows.append(
                 (
-                    f"generation, {label}, {threads} thread",
+                    f"generation, {label}, {threads} {unit}",
                     f"{tok_s:.1f} tok/s ({per_call:.2f} s per record)",
                 )
             )
