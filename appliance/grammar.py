@@ -77,6 +77,7 @@ class _GrammarBuilder:
                 f"{sorted(unknown)!r}; remove them or extend appliance/grammar.py",
                 path,
             )
+
         if "$ref" in node:
             return self._ref(node["$ref"], path)
         if "anyOf" in node:
@@ -88,6 +89,7 @@ class _GrammarBuilder:
             return _json_literal(node["const"])
         if "enum" in node:
             return self._enum(node["enum"], path)
+
         kind = node.get("type")
         if kind == "object":
             return self._object(node, path)

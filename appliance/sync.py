@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 MIN_RETRY_WAIT = 0.5
 """Seconds waited at least after a Retry-After of 0 or a date in the past."""
 MAX_RETRY_WAIT = 3600.0
-"""Seconds waited at most, whatever Retry-After asks for."""
+"""Seconds waited at most, whatever Retry-After requests."""
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """HTTP statuses after which the same batch is sent again later."""
 
@@ -114,7 +114,7 @@ class Uploader:
                     count = self._send(store, batch_id, deadline)
                 except PermanentUploadError as exc:
                     # TODO: move the records of a batch rejected with a 4xx to
-                    # dead with the status; until then the batch stays first in
+                    # dead with the status. Until then the batch stays first in
                     # line and blocks the outbox behind it.
                     result.failures += 1
                     result.last_error = str(exc)
@@ -153,8 +153,9 @@ class Uploader:
         """Return seconds to wait before resending after a transient failure.
 
         The server's ``Retry-After`` wins, clamped to [MIN_RETRY_WAIT,
-        MAX_RETRY_WAIT] so neither ``0`` nor a far-future date stalls or spins
-        the uploader; otherwise capped exponential backoff with full jitter.
+        MAX_RETRY_WAIT] so that neither ``0`` nor a far-future date spins or
+        stalls the uploader. Without it, the wait is capped exponential backoff
+        with full jitter.
         """
         if exc.retry_after is not None:
             return min(max(exc.retry_after, MIN_RETRY_WAIT), MAX_RETRY_WAIT)
@@ -294,7 +295,7 @@ class Uploader:
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Return the seconds a ``Retry-After`` header asks for, or None if absent or invalid.
+    """Return the seconds a ``Retry-After`` header requests, or None if absent or invalid.
 
     Accepts delta-seconds and HTTP dates (RFC 9110, section 10.2.3); a date in
     the past gives 0.

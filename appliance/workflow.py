@@ -6,8 +6,8 @@ it read. After a crash the record is still in its last committed state and the
 activity runs again from there, so no step is completed twice. States are
 documented in ``appliance.states``.
 
-Two workers run the activities: the inference worker owns the llama.cpp engine
-and runs only ``infer``; the step worker runs every other activity, so parsing,
+Two workers run the activities. The inference worker owns the llama.cpp engine
+and runs only ``infer``. The step worker runs every other activity, so parsing,
 validation and enqueueing keep flowing while the model is busy.
 """
 
@@ -39,7 +39,7 @@ manifest's temperature (0); sampling again at 0 would repeat the same output."""
 
 
 class Engine(Protocol):
-    """What the workflow needs from a model: one constrained chat completion."""
+    """Interface the workflow needs from a model: one constrained chat completion."""
 
     model_name: str
 

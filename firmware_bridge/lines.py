@@ -26,7 +26,7 @@ from firmware_bridge.counters import LinkCounters
 
 
 class LineEnding(enum.StrEnum):
-    """Which byte sequences end a line."""
+    """Byte sequences that end a line."""
 
     AUTO = "auto"
     LF = "lf"

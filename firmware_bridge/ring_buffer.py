@@ -21,7 +21,7 @@ from firmware_bridge.errors import BufferClosedError
 
 
 class OverflowPolicy(enum.StrEnum):
-    """What a full ring buffer does with a write that does not fit."""
+    """Behaviour of a full ring buffer towards a write that does not fit."""
 
     BLOCK = "block"
     """Wait for free space; pushes back on the device."""
