@@ -19,9 +19,10 @@ from types import FrameType
 from appliance.errors import ApplianceError
 from appliance.grammar import schema_to_gbnf
 from appliance.grammar_check import check_grammar
-from appliance.inference import CachedEngine, LlamaEngine, SamplingParams
+from appliance.decoding import plan_from_schema
+from appliance.inference import CachedEngine, LlamaEngine, OutputSpec, SamplingParams
 from appliance.intake import LineIntake
-from appliance.log_event import log_event_schema
+from appliance.log_event import SCHEMA_ID, log_event_schema
 from appliance.models import load_manifest, resolve_model_path
 from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
@@ -86,15 +87,17 @@ def build_workflow(data_dir: Path, model: str | None, threads: int) -> Workflow:
     manifest = load_manifest()
     model_path = resolve_model_path(model, manifest)
     engine = LlamaEngine(model_path, n_ctx=manifest.context_size, n_threads=threads)
-    grammar = schema_to_gbnf(log_event_schema())
+    schema = log_event_schema()
+    grammar = schema_to_gbnf(schema)
     check_grammar(grammar, model_path, data_dir / "grammar-checks")
+    output = OutputSpec(SCHEMA_ID, grammar, plan_from_schema(schema))
     cached = CachedEngine(engine, data_dir / "answer-cache")
     sampling = SamplingParams(
         temperature=float(manifest.sampling.get("temperature", 0.0)),
         top_p=float(manifest.sampling.get("top_p", 1.0)),
         max_tokens=int(manifest.sampling.get("max_tokens", 320)),
     )
-    return Workflow(db_path(data_dir), cached, grammar, sampling)
+    return Workflow(db_path(data_dir), cached, output, sampling)
 
 
 class Daemon:

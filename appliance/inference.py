@@ -20,8 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
+import numpy as np
 
+from appliance.decoding import (
+    DecodePlan,
+    SchemaDecoder,
+    VocabularyTable,
+    max_output_tokens,
+)
 from appliance.errors import InferenceError, ModelLoadError
+
+DECODER_VERSION = 1
+"""Bumped whenever the schema decoder's output for the same input may change."""
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +48,25 @@ class SamplingParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """The required shape of a model's output: a JSON schema and its GBNF grammar.
+
+    When ``plan`` is set the engine decodes with ``SchemaDecoder``; otherwise it
+    hands ``gbnf`` to llama.cpp's grammar sampler.
+    """
+
+    schema_id: str
+    gbnf: str
+    plan: DecodePlan | None = None
+
+    @property
+    def cache_key(self) -> str:
+        """Text that changes whenever the constrained output could change."""
+        mode = f"schema-decoder-{DECODER_VERSION}" if self.plan else "gbnf"
+        return f"{self.schema_id}\n{mode}\n{self.gbnf}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Completion:
     """The raw result of one model call."""
 
@@ -49,6 +78,12 @@ class Completion:
     duration: float
     """Wall-clock seconds spent in llama.cpp (0 for cache hits)."""
     cached: bool = False
+    forced_tokens: int = 0
+    """Output tokens appended without a sampling step (schema decoder only)."""
+    constraint_seconds: float = 0.0
+    """Seconds spent on output constraints outside llama.cpp's forward pass."""
+    loops_cut: int = 0
+    """String fields ended early by the loop detector."""
 
 
 class LlamaEngine:
@@ -81,10 +116,18 @@ class LlamaEngine:
                 "that the file is a complete GGUF file",
                 model_path,
             ) from exc
+        self.n_ctx = n_ctx
+        self._formatter, self._add_bos = self._chat_formatter()
+        self._table = VocabularyTable(
+            # _model.token_to_piece in llama-cpp-python 0.3.36 returns its whole
+            # 32-byte buffer; detokenize of one token slices it correctly.
+            [self._llama._model.detokenize([t]) for t in range(self._llama.n_vocab())]
+        )
         self.load_seconds = time.perf_counter() - started
         stat = model_path.stat()
         self.identity = f"{model_path.name}:{stat.st_size}:{int(stat.st_mtime)}"
         self._grammars: dict[str, Any] = {}
+        self._anchors: dict[str, int] = {}
         logger.info(
             "model %s loaded in %.2f s (%d threads, context %d)",
             model_path.name,
@@ -92,6 +135,27 @@ class LlamaEngine:
             n_threads,
             n_ctx,
         )
+
+    def _chat_formatter(self) -> tuple[Any, bool]:
+        """Return the model's own chat template as a formatter, and its add-BOS flag."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llama = self._llama
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelLoadError(
+                f"model {str(self.model_path)!r} has no chat template in its metadata; "
+                "use a chat (instruct) GGUF file",
+                self.model_path,
+            )
+        eos, bos = llama.token_eos(), llama.token_bos()
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+        )
+        add_bos = llama.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        return formatter, add_bos
 
     def _grammar(self, text: str) -> Any:
         from llama_cpp import LlamaGrammar
@@ -103,20 +167,27 @@ class LlamaEngine:
     def complete(
         self,
         messages: list[dict[str, str]],
-        grammar: str | None,
+        grammar: OutputSpec | str | None,
         params: SamplingParams,
     ) -> Completion:
         """Run one chat completion, constrained by ``grammar`` when given.
 
+        An ``OutputSpec`` with a plan runs the schema decoder; GBNF text (or a
+        spec without a plan) runs llama-cpp-python's own chat completion with
+        llama.cpp's grammar sampler; None generates without constraint.
+
         Raises:
-            InferenceError: llama.cpp failed, for example because the prompt is
-                longer than the context window.
+            InferenceError: llama.cpp failed, or the prompt does not leave room
+                for the longest possible output in the context window.
         """
+        if isinstance(grammar, OutputSpec) and grammar.plan is not None:
+            return self._complete_schema(messages, grammar.plan, params)
+        gbnf = grammar.gbnf if isinstance(grammar, OutputSpec) else grammar
         started = time.perf_counter()
         try:
             response = self._llama.create_chat_completion(
                 messages=messages,
-                grammar=self._grammar(grammar) if grammar else None,
+                grammar=self._grammar(gbnf) if gbnf else None,
                 temperature=params.temperature,
                 top_p=params.top_p,
                 max_tokens=params.max_tokens,
@@ -132,6 +203,78 @@ class LlamaEngine:
             completion_tokens=int(usage.get("completion_tokens", 0)),
             finish_reason=str(choice.get("finish_reason") or "stop"),
             duration=time.perf_counter() - started,
+        )
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the model's chat template to ``messages`` and tokenize the result."""
+        prompt = self._formatter(messages=messages).prompt
+        return self._llama.tokenize(
+            prompt.encode("utf-8"), add_bos=self._add_bos, special=True
+        )
+
+    def _anchor(self, messages: list[dict[str, str]]) -> int:
+        """Return how many prompt tokens come before the last message's content.
+
+        Found by rendering two different last messages and comparing tokens,
+        which works for any chat template; remembered per shared prefix.
+        """
+        key = json.dumps(messages[:-1])
+        if key not in self._anchors:
+            first = self.prompt_tokens(
+                [*messages[:-1], {"role": "user", "content": "a"}]
+            )
+            second = self.prompt_tokens(
+                [*messages[:-1], {"role": "user", "content": "b"}]
+            )
+            size = 0
+            while size < min(len(first), len(second)) and first[size] == second[size]:
+                size += 1
+            self._anchors[key] = size
+        return self._anchors[key]
+
+    def _complete_schema(
+        self, messages: list[dict[str, str]], plan: DecodePlan, params: SamplingParams
+    ) -> Completion:
+        started = time.perf_counter()
+        tokens = self.prompt_tokens(messages)
+        budget = max_output_tokens(plan)
+        if len(tokens) + budget > self.n_ctx:
+            raise InferenceError(
+                f"prompt of {len(tokens)} tokens plus the longest output of {budget} "
+                f"tokens exceeds the context window of {self.n_ctx} tokens"
+            )
+        llama = self._llama
+        # The shared prefix (system message and examples) is evaluated in a call
+        # of its own and kept; the record's suffix is always evaluated afresh
+        # from the same position. Each record therefore sees exactly the same
+        # computation whatever came before, so temperature 0 is reproducible.
+        anchor = self._anchor(messages)
+        cached = llama.input_ids[:anchor].tolist()
+        if llama.n_tokens >= anchor and cached == tokens[:anchor]:
+            llama.n_tokens = anchor
+        else:
+            llama.n_tokens = 0
+            llama.eval(tokens[:anchor])
+        common = anchor
+        try:
+            llama.eval(tokens[common:])
+            logits = np.ctypeslib.as_array(
+                llama._ctx.get_logits(), shape=(self._table.size,)
+            )
+            result = SchemaDecoder(llama, self._table, plan).decode(
+                logits.copy(), params.temperature, params.top_p, params.seed
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceError(f"llama.cpp failed: {exc}") from exc
+        return Completion(
+            text=result.text,
+            prompt_tokens=len(tokens),
+            completion_tokens=result.sampled_tokens + result.forced_tokens,
+            finish_reason="stop",
+            duration=time.perf_counter() - started,
+            forced_tokens=result.forced_tokens,
+            constraint_seconds=result.constraint_seconds,
+            loops_cut=result.loops_cut,
         )
 
     def close(self) -> None:
@@ -179,7 +322,7 @@ class CachedEngine:
     def complete(
         self,
         messages: list[dict[str, str]],
-        grammar: str | None,
+        grammar: OutputSpec | str | None,
         params: SamplingParams,
     ) -> Completion:
         key = self._key(messages, grammar, params)
@@ -196,11 +339,12 @@ class CachedEngine:
     def _key(
         self,
         messages: list[dict[str, str]],
-        grammar: str | None,
+        grammar: OutputSpec | str | None,
         params: SamplingParams,
     ) -> str:
+        constraint = grammar.cache_key if isinstance(grammar, OutputSpec) else grammar
         material = json.dumps(
-            [self.engine.identity, grammar, messages, dataclasses.asdict(params)],
+            [self.engine.identity, constraint, messages, dataclasses.asdict(params)],
             sort_keys=True,
         )
         return hashlib.sha256(material.encode("utf-8")).hexdigest()

@@ -53,8 +53,16 @@ EXAMPLES: list[tuple[str, dict[str, object]]] = [
 ]
 
 
+MAX_LINE_CHARS = 2000
+"""Characters of a log line given to the model; a longer line is cut to this
+many and marked, so that prompt and output fit the 4096-token context that
+the default model's manifest allocates."""
+
+
 def build_messages(line: str) -> list[dict[str, str]]:
     """Return the chat messages that ask the model to triage ``line``."""
+    if len(line) > MAX_LINE_CHARS:
+        line = line[:MAX_LINE_CHARS] + " [cut]"
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for example_line, answer in EXAMPLES:
         messages.append({"role": "user", "content": example_line})

@@ -24,7 +24,7 @@ from typing import Protocol
 import pydantic
 
 from appliance.errors import ApplianceError, InferenceError, InvalidOutputError
-from appliance.inference import Completion, SamplingParams
+from appliance.inference import Completion, OutputSpec, SamplingParams
 from appliance.log_event import LogEvent
 from appliance.prompts import build_messages
 from appliance.retry import RetryPolicy
@@ -46,7 +46,7 @@ class Engine(Protocol):
     def complete(
         self,
         messages: list[dict[str, str]],
-        grammar: str | None,
+        grammar: OutputSpec | str | None,
         params: SamplingParams,
     ) -> Completion: ...
 
@@ -57,7 +57,7 @@ class Workflow:
     Args:
         db_path: the SQLite database.
         engine: the model, or None for a workflow that only handles JSON records.
-        grammar: the GBNF grammar of ``log_event``.
+        grammar: the output constraint of ``log_event`` (a spec or GBNF text).
         sampling: parameters of the first inference attempt.
         policy: retry policy of the infer/validate pair.
     """
@@ -66,7 +66,7 @@ class Workflow:
         self,
         db_path: Path,
         engine: Engine | None,
-        grammar: str,
+        grammar: OutputSpec | str,
         sampling: SamplingParams,
         policy: RetryPolicy | None = None,
     ) -> None:
