@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from appliance.decoding import plan_from_schema
 from appliance.errors import ApplianceError
 from appliance.grammar import schema_to_gbnf
 from appliance.grammar_check import check_grammar
-from appliance.decoding import plan_from_schema
 from appliance.inference import CachedEngine, LlamaEngine, OutputSpec, SamplingParams
 from appliance.intake import LineIntake
 from appliance.log_event import SCHEMA_ID, log_event_schema

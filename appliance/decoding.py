@@ -72,7 +72,7 @@ def plan_from_schema(schema: dict[str, Any]) -> DecodePlan:
     literals: list[str] = []
     slots: list[Slot] = []
     prefix = "{"
-    for i, (name, node) in enumerate(schema["properties"].items()):
+    for name, node in schema["properties"].items():
         path = f"#/properties/{name}"
         if name not in required:
             raise GrammarError(f"property {path!r} is optional", path)
