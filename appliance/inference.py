@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class LlamaEngine:
         self.identity = f"{model_path.name}:{stat.st_size}:{int(stat.st_mtime)}"
         self._grammars: dict[str, Any] = {}
         self._anchors: dict[str, int] = {}
+        self._lock = threading.Lock()
         logger.info(
             "model %s loaded in %.2f s (%d threads, context %d)",
             model_path.name,
@@ -180,6 +182,16 @@ class LlamaEngine:
             InferenceError: llama.cpp failed, or the prompt does not leave room
                 for the longest possible output in the context window.
         """
+        # One llama.cpp context serves one call at a time; other callers queue.
+        with self._lock:
+            return self._complete_locked(messages, grammar, params)
+
+    def _complete_locked(
+        self,
+        messages: list[dict[str, str]],
+        grammar: OutputSpec | str | None,
+        params: SamplingParams,
+    ) -> Completion:
         if isinstance(grammar, OutputSpec) and grammar.plan is not None:
             return self._complete_schema(messages, grammar.plan, params)
         gbnf = grammar.gbnf if isinstance(grammar, OutputSpec) else grammar

@@ -1,20 +1,26 @@
-"""Benchmark the pipeline and the model on a fixed slice of the BGL sample.
+"""Benchmark inference and the pipeline on a fixed slice of the BGL sample.
 
-Measures, on the machine it runs on:
-- model load time;
-- model tokens/s with and without the log_event grammar on the same prompts,
-  with 1 and 2 llama.cpp threads;
-- end-to-end records/s of `appliance replay` over the first N sample lines in
-  a fresh data directory (model load included), and that process's peak RSS.
+Measures, on the machine it runs on and in one run, over the same lines:
+- a naive baseline: a fresh prompt per record (no prefix reuse) constrained by
+  llama-cpp-python's stock JSON-schema grammar;
+- unconstrained generation (no grammar) with llama-cpp-python's prefix reuse;
+- the appliance's path: schema decoder with forced tokens and a kept prefix,
+  with 1 and 2 threads;
+- end-to-end records/s of `appliance replay` (model load included) and that
+  process's peak RSS.
 
-Results are appended to the output file (docs/benchmarks.md) with the command,
-machine and date. Run with `make bench`.
+Each row gives records/s, milliseconds per output token, the share of time
+spent on output constraints outside llama.cpp, and how many outputs parsed and
+validated. Results are appended to the output file (docs/benchmarks.md) with
+the command, machine and date. Run with `make bench`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import os
 import platform
 import resource
@@ -24,15 +30,37 @@ import tempfile
 import time
 from pathlib import Path
 
+from appliance.decoding import plan_from_schema
+from appliance.errors import InvalidOutputError
 from appliance.grammar import schema_to_gbnf
-from appliance.inference import LlamaEngine, SamplingParams
-from appliance.log_event import log_event_schema
+from appliance.grammar_check import check_grammar
+from appliance.inference import LlamaEngine, OutputSpec, SamplingParams
+from appliance.log_event import SCHEMA_ID, log_event_schema
 from appliance.models import load_manifest, resolve_model_path
 from appliance.prompts import build_messages
+from appliance.workflow import parse_log_event
 from firmware_bridge.simulator import load_sample_lines
 
-SLICE_START = 0
-"""First sample line of the fixed slice."""
+
+@dataclasses.dataclass
+class ModeResult:
+    """Totals of one inference mode over the slice."""
+
+    name: str
+    records: int = 0
+    valid: int = 0
+    seconds: float = 0.0
+    output_tokens: int = 0
+    constraint_seconds: float = 0.0
+
+    def row(self) -> str:
+        per_token = 1000 * self.seconds / max(self.output_tokens, 1)
+        share = 100 * self.constraint_seconds / self.seconds if self.seconds else 0.0
+        return (
+            f"| {self.name} | {self.records / self.seconds:.2f} | {per_token:.1f} | "
+            f"{self.output_tokens / self.records:.0f} | {share:.1f} % | "
+            f"{self.valid}/{self.records} |"
+        )
 
 
 def _machine() -> str:
@@ -45,23 +73,43 @@ def _machine() -> str:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.platform()}"
+    load = os.getloadavg()[0]
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.platform()}, "
+        f"load average {load:.1f} at start"
+    )
 
 
-def _tokens_per_second(
-    engine: LlamaEngine, lines: list[str], grammar: str | None
-) -> tuple[float, float]:
-    """Return (generated tokens per second, mean seconds per record) over ``lines``."""
-    params = SamplingParams(max_tokens=160)
-    # Warm the shared prompt prefix so every measured call evaluates only its line.
-    engine.complete(build_messages(lines[0]), grammar, params)
-    generated = 0
-    seconds = 0.0
+def _is_valid(text: str) -> bool:
+    try:
+        parse_log_event(text)
+    except InvalidOutputError:
+        return False
+    return True
+
+
+def _run_mode(
+    name: str, engine: LlamaEngine, lines: list[str], constraint, fresh_prompt: bool
+) -> ModeResult:
+    result = ModeResult(name)
+    params = SamplingParams(max_tokens=320)
     for line in lines:
-        completion = engine.complete(build_messages(line), grammar, params)
-        generated += completion.completion_tokens
-        seconds += completion.duration
-    return generated / seconds, seconds / len(lines)
+        if fresh_prompt:
+            engine._llama.reset()
+        completion = engine.complete(build_messages(line), constraint, params)
+        result.records += 1
+        result.valid += _is_valid(completion.text)
+        result.seconds += completion.duration
+        result.output_tokens += completion.completion_tokens
+        result.constraint_seconds += completion.constraint_seconds
+    return result
+
+
+def _stock_grammar(schema: dict) -> str:
+    """The GBNF text llama-cpp-python's own converter makes from ``schema``."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(json.dumps(schema))
 
 
 def _pipeline(lines: list[str]) -> tuple[float, float, float]:
@@ -71,74 +119,98 @@ def _pipeline(lines: list[str]) -> tuple[float, float, float]:
         sample = Path(tmp) / "slice.log"
         sample.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         started = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         subprocess.run(
             [appliance, "replay", str(sample), "--data-dir", str(Path(tmp) / "d")],
             check=True,
             capture_output=True,
         )
         wall = time.perf_counter() - started
-        peak_kib = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return len(lines) / wall, wall, peak_kib / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--lines", type=int, default=20, help="sample lines in the slice"
+        "--lines", type=int, default=30, help="sample lines in the slice"
     )
     parser.add_argument(
         "--output", type=Path, help="markdown file to append results to"
     )
     args = parser.parse_args()
 
-    lines = load_sample_lines()[SLICE_START : SLICE_START + args.lines]
-    model_path = resolve_model_path(None, load_manifest())
-    grammar = schema_to_gbnf(log_event_schema())
-    rows = []
-    for threads in (1, 2):
-        engine = LlamaEngine(model_path, n_ctx=2048, n_threads=threads)
-        unit = "thread" if threads == 1 else "threads"
-        rows.append((f"model load ({threads} {unit})", f"{engine.load_seconds:.2f} s"))
-        for label, g in (("with grammar", grammar), ("without grammar", None)):
-            tok_s, per_call = _tokens_per_second(engine, lines[:10], g)
-            rows.append(
-                (
-                    f"generation, {label}, {threads} {unit}",
-                    f"{tok_s:.1f} tok/s ({per_call:.2f} s per record)",
-                )
-            )
-        engine.close()
-    rate, wall, rss = _pipeline(lines)
-    rows.append(
-        (
-            f"pipeline, replay of {len(lines)} lines",
-            f"{rate:.2f} records/s ({wall:.1f} s wall, model load included)",
+    lines = load_sample_lines()[: args.lines]
+    manifest = load_manifest()
+    model_path = resolve_model_path(None, manifest)
+    schema = log_event_schema()
+    ours = OutputSpec(SCHEMA_ID, schema_to_gbnf(schema), plan_from_schema(schema))
+
+    stock = _stock_grammar(schema)
+    # A grammar llama.cpp cannot parse would crash this process in the sampler.
+    check_grammar(stock, model_path)
+    engine = LlamaEngine(model_path, n_ctx=manifest.context_size, n_threads=2)
+    load_seconds = engine.load_seconds
+    modes = [
+        _run_mode(
+            "naive: fresh prompt, stock grammar, 2 threads",
+            engine,
+            lines,
+            stock,
+            fresh_prompt=True,
+        ),
+        _run_mode(
+            "unconstrained, prefix reuse, 2 threads",
+            engine,
+            lines,
+            None,
+            fresh_prompt=False,
+        ),
+        _run_mode(
+            "schema decoder, kept prefix, 2 threads",
+            engine,
+            lines,
+            ours,
+            fresh_prompt=False,
+        ),
+    ]
+    engine.close()
+    engine = LlamaEngine(model_path, n_ctx=manifest.context_size, n_threads=1)
+    modes.append(
+        _run_mode(
+            "schema decoder, kept prefix, 1 thread",
+            engine,
+            lines,
+            ours,
+            fresh_prompt=False,
         )
     )
-    rows.append(("pipeline peak RSS", f"{rss:.0f} MiB"))
+    engine.close()
+    rate, wall, rss = _pipeline(lines)
 
-    today = datetime.date.today().isoformat()
     report = [
-        f"## {today}: `make bench`",
+        f"## {datetime.date.today().isoformat()}: `make bench`",
         "",
         f"- Command: `{' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
         f"- Machine: {_machine()}",
-        f"- Slice: sample lines {SLICE_START + 1}-{SLICE_START + len(lines)} of BGL_2k.log; "
-        "generation rows use the first 10, max_tokens 160, temperature 0",
+        f"- Input: the first {len(lines)} lines of BGL_2k.log without their label, "
+        f"temperature 0, max_tokens 320, model {model_path.name} "
+        f"(load {load_seconds:.2f} s)",
+        "- Times include prompt evaluation; the first record of each mode evaluates "
+        "the shared prefix.",
         "",
-        "| measurement | result |",
-        "| --- | --- |",
-        *[f"| {name} | {value} |" for name, value in rows],
+        "| mode | records/s | ms per output token | output tokens per record "
+        "| constraint share of time | valid outputs |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[mode.row() for mode in modes],
+        "",
+        f"End to end, `appliance replay` of the same {len(lines)} lines: "
+        f"{rate:.2f} records/s ({wall:.1f} s wall, model load included), "
+        f"peak RSS {rss:.0f} MiB.",
         "",
     ]
     text = "\n".join(report)
     print(text)
     if args.output:
-        if not args.output.exists():
-            args.output.write_text(
-                "# Benchmarks\n\nEach section is one `make bench` run.\n\n"
-            )
         with args.output.open("a", encoding="utf-8") as out:
             out.write(text + "\n")
 
