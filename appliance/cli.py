@@ -93,9 +93,7 @@ def main() -> None:
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="llama.cpp CPU threads (see docs/benchmarks.md).",
+    help="llama.cpp CPU threads; default: the model manifest's n_threads.",
 )
 @click.option(
     "--demo-rate",
@@ -142,7 +140,7 @@ def run(
     max_records: int | None,
     upload_url: str | None,
     model: str | None,
-    threads: int,
+    threads: int | None,
     demo_rate: float,
     max_line_bytes: int,
     line_timeout: float,
@@ -197,9 +195,7 @@ def run(
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="llama.cpp CPU threads (see docs/benchmarks.md).",
+    help="llama.cpp CPU threads; default: the model manifest's n_threads.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every state change.")
 def replay(
@@ -207,7 +203,7 @@ def replay(
     file: Path,
     kind: str,
     model: str | None,
-    threads: int,
+    threads: int | None,
     verbose: bool,
 ) -> None:
     """Push each line of FILE through the workflow and exit when all are final."""
@@ -408,6 +404,16 @@ def grammars_write() -> None:
     for path in write_grammar_files():
         click.echo(f"wrote {path}")
 
+
+def _register_commands() -> None:
+    from appliance.cli_eval import eval_command
+    from appliance.cli_models import models_group
+
+    main.add_command(eval_command)
+    main.add_command(models_group)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -67,8 +67,8 @@ class RunOptions:
     """Upload queued records here in the background."""
     model: str | None = None
     """GGUF file; None uses the default model's manifest."""
-    threads: int = 2
-    """llama.cpp threads; docs/benchmarks.md has the measurement behind 2."""
+    threads: int | None = None
+    """llama.cpp threads; None takes the model manifest's ``n_threads``."""
     link_name: str | None = None
     """Name stored on records; defaults to ``demo`` or the port's file name."""
 
@@ -77,7 +77,7 @@ def db_path(data_dir: Path) -> Path:
     return data_dir / DB_NAME
 
 
-def build_workflow(data_dir: Path, model: str | None, threads: int) -> Workflow:
+def build_workflow(data_dir: Path, model: str | None, threads: int | None) -> Workflow:
     """Load the model and grammar and return a workflow over ``data_dir``.
 
     Raises:
@@ -86,7 +86,12 @@ def build_workflow(data_dir: Path, model: str | None, threads: int) -> Workflow:
     """
     manifest = load_manifest()
     model_path = resolve_model_path(model, manifest)
-    engine = LlamaEngine(model_path, n_ctx=manifest.context_size, n_threads=threads)
+    engine = LlamaEngine(
+        model_path,
+        n_ctx=manifest.context_size,
+        n_threads=threads or manifest.n_threads,
+        n_batch=manifest.n_batch,
+    )
     schema = log_event_schema()
     grammar = schema_to_gbnf(schema)
     check_grammar(grammar, model_path, data_dir / "grammar-checks")

@@ -94,9 +94,16 @@ class LlamaEngine:
         model_path: the GGUF file.
         n_ctx: context window in tokens.
         n_threads: CPU threads for generation and prompt evaluation.
+        n_batch: tokens per prompt-evaluation batch.
     """
 
-    def __init__(self, model_path: Path, n_ctx: int = 2048, n_threads: int = 1) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx: int = 4096,
+        n_threads: int = 2,
+        n_batch: int = 512,
+    ) -> None:
         from llama_cpp import Llama
 
         self.model_path = model_path
@@ -109,6 +116,7 @@ class LlamaEngine:
                     n_ctx=n_ctx,
                     n_threads=n_threads,
                     n_threads_batch=n_threads,
+                    n_batch=n_batch,
                     verbose=False,
                 )
         except (ValueError, RuntimeError, OSError) as exc:

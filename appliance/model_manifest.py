@@ -156,8 +156,8 @@ class ModelManifest:
     """llama.cpp CPU threads; docs/benchmarks.md has the measurement behind 2."""
     n_batch: int = 512
     """Tokens per llama.cpp prompt-evaluation batch (llama-cpp-python's default)."""
-    # NOTE: appliance/daemon.py does not pass chat_template, n_threads or n_batch
-    # to llama.cpp yet, and `appliance run --threads` sets the thread count.
+    # NOTE: the engine formats prompts with the chat template stored in the GGUF
+    # file and ignores chat_template, so a file without one cannot be used.
     install: str = ""
     """Command that installs the file, shown in fix messages. When empty, a pip
     command is derived from the source's requirements."""

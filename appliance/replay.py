@@ -33,7 +33,7 @@ def replay_file(
     path: Path,
     kind: RecordKind,
     model: str | None,
-    threads: int,
+    threads: int | None,
     stop: threading.Event,
     max_line_bytes: int = 4096,
 ) -> dict[str, int]:
