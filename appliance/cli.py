@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from appliance.errors import ApplianceError
-from appliance.paths import default_data_dir, prepare_data_dir
+from appliance.paths import DataDirLock, default_data_dir, prepare_data_dir
 from appliance.states import RecordKind, RecordState
 from appliance.store import DB_NAME, Store, record_to_json
 from firmware_bridge.errors import BridgeError
@@ -69,7 +69,11 @@ def main() -> None:
     "--port", help="Serial port path or pyserial URL (socket://, rfc2217://)."
 )
 @click.option(
-    "--baud", type=int, default=115200, show_default=True, help="Line speed in bit/s."
+    "--baud",
+    type=click.IntRange(min=50),
+    default=115200,
+    show_default=True,
+    help="Line speed in bit/s.",
 )
 @click.option(
     "--line-ending",
@@ -171,6 +175,8 @@ def run(
     )
     try:
         prepare_data_dir(data_dir)
+        lock = DataDirLock(data_dir)
+        lock.acquire()
         daemon = Daemon(data_dir, options)
         install_signal_handlers(daemon)
         code = daemon.run()
@@ -213,6 +219,8 @@ def replay(
     stop = threading.Event()
     try:
         prepare_data_dir(data_dir)
+        lock = DataDirLock(data_dir)
+        lock.acquire()
         counts = replay_file(data_dir, file, RecordKind(kind), model, threads, stop)
     except (ApplianceError, BridgeError) as exc:
         _fail(exc)
@@ -270,14 +278,18 @@ def records(data_dir: Path, fmt: str, state: str | None, limit: int | None) -> N
 @click.argument("record_id")
 def inspect(data_dir: Path, record_id: str) -> None:
     """Print one record's whole history: states, attempts, timings, errors, model output."""
-    store = _open_readonly(data_dir)
     row = None
-    if store is not None:
-        matches = store.query(
-            "SELECT id FROM records WHERE id LIKE ?", (record_id + "%",)
-        )
-        if len(matches) == 1:
-            row = store.get_record(matches[0]["id"])
+    try:
+        store = _open_readonly(data_dir)
+        if store is not None:
+            matches = store.query(
+                "SELECT id FROM records WHERE substr(id, 1, ?) = ?",
+                (len(record_id), record_id),
+            )
+            if len(matches) == 1:
+                row = store.get_record(matches[0]["id"])
+    except ApplianceError as exc:
+        _fail(exc)
     if store is None or row is None:
         _fail(
             ApplianceError(

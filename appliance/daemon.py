@@ -222,8 +222,7 @@ class Daemon:
                 uploader_thread.join(timeout=10)
             if pty is not None:
                 pty.close()
-            if isinstance(workflow.engine, CachedEngine):
-                workflow.engine.close()
+            close_engine(workflow, workers)
         return code
 
     def _supervise(
@@ -292,6 +291,20 @@ def describe_record(row) -> str:  # type: ignore[no-untyped-def]
             f"{data['summary']}"
         )
     return head
+
+
+def close_engine(workflow: Workflow, workers: list[Worker]) -> None:
+    """Free the model unless a worker is still inside a llama.cpp call.
+
+    Freeing the context under a running decode segfaults the process, so a
+    worker that did not stop in time keeps the model until the process exits.
+    """
+    busy = [worker.name for worker in workers if worker.is_alive()]
+    if busy:
+        logger.warning("worker %s still running at exit; model left loaded", busy[0])
+        return
+    if isinstance(workflow.engine, CachedEngine):
+        workflow.engine.close()
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

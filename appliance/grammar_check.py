@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from appliance.errors import GrammarError
@@ -40,10 +42,13 @@ def check_grammar(
     marker = cache_dir / f"{digest}.ok" if cache_dir is not None else None
     if marker is not None and marker.exists():
         return
-    grammar_file = (cache_dir or Path(".")) / f"{digest}.gbnf"
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    grammar_file.write_text(grammar, encoding="utf-8")
+    # A file of its own per check, so concurrent checks never share one.
+    handle, name = tempfile.mkstemp(suffix=".gbnf", dir=cache_dir)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(grammar)
+    grammar_file = Path(name)
     try:
         proc = subprocess.run(
             [

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from appliance.decoding import (
     VocabularyTable,
     max_output_tokens,
 )
-from appliance.errors import InferenceError, ModelLoadError
+from appliance.errors import InferenceError, ModelLoadError, SetupError
 
 DECODER_VERSION = 1
 """Bumped whenever the schema decoder's output for the same input may change."""
@@ -331,7 +332,13 @@ class CachedEngine:
         self, engine: LlamaEngine, cache_dir: Path, size_limit: int = 64 * 2**20
     ) -> None:
         self.engine = engine
-        self.cache = diskcache.Cache(str(cache_dir), size_limit=size_limit)
+        try:
+            self.cache = diskcache.Cache(str(cache_dir), size_limit=size_limit)
+        except (OSError, sqlite3.Error) as exc:
+            raise SetupError(
+                f"cannot open the answer cache in {str(cache_dir)!r}: {exc}; free "
+                "space on the data directory's file system"
+            ) from exc
         self.hits = 0
         self.misses = 0
 
@@ -353,7 +360,11 @@ class CachedEngine:
         self.misses += 1
         completion = self.engine.complete(messages, grammar, params)
         if completion.finish_reason == "stop":
-            self.cache.set(key, dataclasses.asdict(completion))
+            try:
+                self.cache.set(key, dataclasses.asdict(completion))
+            except (OSError, sqlite3.Error) as exc:
+                # The answer is still good; only its reuse is lost.
+                logger.warning("answer cache write failed, continuing: %s", exc)
         return completion
 
     def _key(

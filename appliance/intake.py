@@ -115,8 +115,9 @@ class LineIntake(threading.Thread):
             room = self.max_records - self.received
             if len(lines) > room:
                 # Lines past the limit were read in the same chunk; they are
-                # not records, so they leave the delivered-lines count.
+                # not records, so they move to their own counter.
                 self.counters.lines -= len(lines) - room
+                self.counters.lines_after_limit += len(lines) - room
                 logger.warning(
                     "link %s: discarded %d lines read after the %d-record limit",
                     self.link,
@@ -150,6 +151,24 @@ class LineIntake(threading.Thread):
                     RecordKind.LOG_EVENT,
                     flags,
                 )
+                if record_id is None:
+                    # Another writer took this number; never drop the line.
+                    row = conn.execute(
+                        "SELECT MAX(seq) AS m FROM records WHERE link = ?", (self.link,)
+                    ).fetchone()
+                    seq = int(row["m"]) + 1
+                    logger.warning(
+                        "link %s: sequence taken, continuing at %d", self.link, seq
+                    )
+                    record_id = store.insert_record(
+                        conn,
+                        self.link,
+                        seq,
+                        line.text,
+                        line.data,
+                        RecordKind.LOG_EVENT,
+                        flags,
+                    )
                 logger.debug(
                     "link %s: record %s received (seq %d)", self.link, record_id, seq
                 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from appliance.errors import DataDirError
 
@@ -18,6 +20,49 @@ def default_data_dir() -> Path:
         return Path(os.environ[ENV_DATA_DIR])
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "field-relay"
+
+
+class DataDirLock:
+    """An exclusive lock on a data directory, held by the process that writes it.
+
+    Two writers on one directory would each number records on the same link
+    from the same starting point, so the second must not start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path / "appliance.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            DataDirError: another process holds it, naming that process.
+        """
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise DataDirError(
+                f"data directory {str(self.path.parent)!r} is in use by another "
+                f"appliance process (pid {holder}); stop it or choose another "
+                "--data-dir",
+                self.path.parent,
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        """Drop the lock. Safe to call more than once."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def prepare_data_dir(path: Path) -> Path:

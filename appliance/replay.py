@@ -14,10 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.daemon import build_workflow, db_path
+from appliance.daemon import build_workflow, close_engine, db_path
 from appliance.errors import SetupError
 from appliance.grammar import schema_to_gbnf
-from appliance.inference import CachedEngine, SamplingParams
+from appliance.inference import SamplingParams
 from appliance.log_event import log_event_schema
 from appliance.states import RecordKind, RecordState
 from appliance.store import Store
@@ -93,8 +93,7 @@ def replay_file(
             worker.stop()
         for worker in workers:
             worker.join(timeout=30)
-        if isinstance(workflow.engine, CachedEngine):
-            workflow.engine.close()
+        close_engine(workflow, workers)
     return _link_counts(data_dir, link)
 
 

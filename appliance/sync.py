@@ -223,6 +223,13 @@ class Uploader:
         except UploadError as exc:
             self._record_attempt(store, batch_id, status, str(exc))
             raise
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            self._record_attempt(store, batch_id, None, f"{type(exc).__name__}: {exc}")
+            raise PermanentUploadError(
+                f"upload URL {self.url!r} is invalid ({exc}): pass an http:// or "
+                "https:// URL with --upload-url",
+                batch_id,
+            ) from exc
         except httpx.HTTPError as exc:
             self._record_attempt(store, batch_id, None, f"{type(exc).__name__}: {exc}")
             raise TransientUploadError(

@@ -33,6 +33,8 @@ class LinkCounters:
     """Writes that found the ring buffer full."""
     overflow_dropped_bytes: int = 0
     """Bytes the ring buffer discarded under the drop_oldest policy."""
+    lines_after_limit: int = 0
+    """Lines read after ``--max-records`` was reached; not stored."""
     read_errors: int = 0
     """Failed reads from the port."""
     reconnects: int = 0

@@ -63,3 +63,35 @@ def test_unusable_data_dir_names_path(tmp_path: Path) -> None:
 def test_demo_and_port_together_is_usage_error(tmp_path: Path) -> None:
     result = _run("run", "--demo", "--port", "/dev/null", "--data-dir", str(tmp_path))
     assert result.returncode == 2
+
+
+def test_invalid_upload_url_fails_at_once(tmp_path: Path) -> None:
+    import json
+
+    feed = tmp_path / "one.jsonl"
+    feed.write_text(json.dumps({"sensor": "pump-1"}) + "\n")
+    assert (
+        _run(
+            "replay", str(feed), "--kind", "json", "--data-dir", str(tmp_path / "d")
+        ).returncode
+        == 0
+    )
+    result = _run(
+        "sync",
+        "--upload-url",
+        "notaurl",
+        "--once",
+        "--timeout",
+        "60",
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
+    assert result.returncode == 1
+    assert "--upload-url" in _error_lines(result)[0]
+
+
+def test_baud_below_range_is_usage_error(tmp_path: Path) -> None:
+    result = _run(
+        "run", "--port", "/dev/null", "--baud", "0", "--data-dir", str(tmp_path)
+    )
+    assert result.returncode == 2

@@ -141,7 +141,7 @@ def test_default_manifest_fields() -> None:
     assert manifest.size_bytes == 98362432
     assert manifest.context_size == 4096
     assert manifest.sampling == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 320}
-    assert manifest.n_threads == 2
+    assert manifest.n_threads == 1
     assert manifest.n_batch == 512
 
 
