@@ -28,7 +28,7 @@ import numpy as np
 from appliance.errors import GrammarError
 
 LOOP_PERIOD_MAX = 8
-"""Longest token period the loop detector looks for in a string field."""
+"""Maximum token period the loop detector checks in a string field."""
 LOOP_REPEATS = 3
 """Consecutive repeats of a token period that end a string field early."""
 
@@ -174,7 +174,7 @@ class SchemaDecoder:
     """Runs a ``DecodePlan`` against a llama.cpp context.
 
     Args:
-        llama: a ``llama_cpp.Llama`` whose context holds the evaluated prompt.
+        llama: a ``llama_cpp.Llama`` whose context contains the evaluated prompt.
         table: the model's vocabulary table.
         plan: the output layout.
     """
