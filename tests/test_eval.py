@@ -42,9 +42,10 @@ from appliance.store import Store
 from appliance.workflow import Workflow
 from tests.conftest import APPLIANCE, REPO_ROOT, SAMPLE, FakeEngine
 
-DATA = REPO_ROOT.parent / "shared" / "data"
-BGL_CSV = DATA / "loghub-bgl" / "BGL_2k.log_structured.csv"
-HPC_CSV = DATA / "loghub-hpc" / "HPC_2k.log_structured.csv"
+# Copies of the loghub CSVs, with their licence notice in the same folder.
+DATA = REPO_ROOT / "tests" / "data" / "loghub"
+BGL_CSV = DATA / "BGL_2k.log_structured.csv"
+HPC_CSV = DATA / "HPC_2k.log_structured.csv"
 EVAL_TIMEOUT = 300.0
 """Seconds one `appliance eval` subprocess may take before the test fails."""
 
