@@ -91,6 +91,7 @@ def build_workflow(data_dir: Path, model: str | None, threads: int | None) -> Wo
         n_ctx=manifest.context_size,
         n_threads=threads or manifest.n_threads,
         n_batch=manifest.n_batch,
+        sha256=manifest.sha256 if model is None else None,
     )
     schema = log_event_schema()
     grammar = schema_to_gbnf(schema)

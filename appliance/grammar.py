@@ -100,6 +100,8 @@ class _GrammarBuilder:
         if kind == "null":
             return '"null"'
         if kind == "integer":
+            # TODO: honour minimum and maximum with a digit-range grammar; until
+            # then only the digit count is bounded and pydantic checks the range.
             return f'"-"? [0-9]{{1,{MAX_INTEGER_DIGITS}}}'
         if kind == "array":
             return self._array(node, path)

@@ -96,6 +96,8 @@ class LlamaEngine:
         n_ctx: context window in tokens.
         n_threads: CPU threads for generation and prompt evaluation.
         n_batch: tokens per prompt-evaluation batch.
+        sha256: the file's SHA-256 from its manifest; it keys the answer cache.
+            Without it the key uses the file's name, size and modification time.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class LlamaEngine:
         n_ctx: int = 4096,
         n_threads: int = 2,
         n_batch: int = 512,
+        sha256: str | None = None,
     ) -> None:
         from llama_cpp import Llama
 
@@ -135,7 +138,9 @@ class LlamaEngine:
         )
         self.load_seconds = time.perf_counter() - started
         stat = model_path.stat()
-        self.identity = f"{model_path.name}:{stat.st_size}:{int(stat.st_mtime)}"
+        self.identity = (
+            sha256 or f"{model_path.name}:{stat.st_size}:{int(stat.st_mtime)}"
+        )
         self._grammars: dict[str, Any] = {}
         self._anchors: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -339,6 +344,9 @@ class CachedEngine:
                 f"cannot open the answer cache in {str(cache_dir)!r}: {exc}; free "
                 "space on the data directory's file system"
             ) from exc
+        # diskcache keeps hit and miss counts in the cache itself, so
+        # `appliance status` can read them from another process.
+        self.cache.stats(enable=True)
         self.hits = 0
         self.misses = 0
 

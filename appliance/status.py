@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diskcache
+
 from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
 
@@ -49,9 +51,20 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
                 "delivered": int(batches["delivered"] or 0),
                 "open": int(batches["open"] or 0),
             },
+            "answer_cache": answer_cache_stats(data_dir),
         }
     finally:
         store.close()
+
+
+def answer_cache_stats(data_dir: Path) -> dict[str, int]:
+    """Return the answer cache's hits, misses and size in bytes (zeros if absent)."""
+    path = data_dir / "answer-cache"
+    if not (path / "cache.db").exists():
+        return {"hits": 0, "misses": 0, "bytes": 0}
+    with diskcache.Cache(str(path)) as cache:
+        hits, misses = cache.stats()
+        return {"hits": hits, "misses": misses, "bytes": cache.volume()}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -65,6 +78,12 @@ def format_status(status: dict[str, Any]) -> str:
         f"outbox          {outbox['queued']} queued"
         + (f", oldest {age:.0f} s" if age is not None else "")
     )
+    cache = status.get("answer_cache")
+    if cache:
+        lines.append(
+            f"answer cache    {cache['hits']} hits, {cache['misses']} misses, "
+            f"{cache['bytes'] / 2**20:.1f} MiB"
+        )
     for name, counters in status["links"].items():
         lines.append(f"link {name}")
         shown = {k: v for k, v in counters.items() if v}
