@@ -115,3 +115,12 @@ def test_vocabulary_lists_closing_tokens() -> None:
 )
 def test_loop_detector(history: list[int], looping: bool) -> None:
     assert SchemaDecoder._looping(history) is looping
+
+
+def test_plan_keeps_non_ascii_enum_values() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"unit": {"enum": ["°C", "µs"]}},
+        "required": ["unit"],
+    }
+    assert plan_from_schema(schema).slots[0] == EnumSlot(('"°C"', '"µs"'))

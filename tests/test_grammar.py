@@ -143,3 +143,9 @@ def test_grammar_check_result_is_cached(model_path: Path, tmp_path: Path) -> Non
     grammar = 'root ::= "ok"\n'
     check_grammar(grammar, model_path, tmp_path)
     assert len(list(tmp_path.glob("*.ok"))) == 1
+
+
+def test_non_ascii_enum_values_stay_literal() -> None:
+    grammar = schema_to_gbnf(_obj(unit={"enum": ["°C", "µs", "Ω"]}))
+    assert '"\\"°C\\""' in grammar
+    assert '"\\"Ω\\""' in grammar
