@@ -142,24 +142,8 @@ class LineIntake(threading.Thread):
                     )
                     if on
                 )
-                record_id = store.insert_record(
-                    conn,
-                    self.link,
-                    seq,
-                    line.text,
-                    line.data,
-                    RecordKind.LOG_EVENT,
-                    flags,
-                )
-                if record_id is None:
-                    # Another writer took this number; never drop the line.
-                    row = conn.execute(
-                        "SELECT MAX(seq) AS m FROM records WHERE link = ?", (self.link,)
-                    ).fetchone()
-                    seq = int(row["m"]) + 1
-                    logger.warning(
-                        "link %s: sequence taken, continuing at %d", self.link, seq
-                    )
+                record_id = None
+                while record_id is None:
                     record_id = store.insert_record(
                         conn,
                         self.link,
@@ -169,6 +153,16 @@ class LineIntake(threading.Thread):
                         RecordKind.LOG_EVENT,
                         flags,
                     )
+                    if record_id is None:
+                        # Another writer took this number; never drop the line.
+                        row = conn.execute(
+                            "SELECT MAX(seq) AS m FROM records WHERE link = ?",
+                            (self.link,),
+                        ).fetchone()
+                        seq = int(row["m"]) + 1
+                        logger.warning(
+                            "link %s: sequence taken, continuing at %d", self.link, seq
+                        )
                 logger.debug(
                     "link %s: record %s received (seq %d)", self.link, record_id, seq
                 )

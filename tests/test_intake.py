@@ -283,3 +283,28 @@ def test_intake_max_records_lines_counter(tmp_path: Path):
         reader.close()
     assert committed == 2
     assert saved["lines"] == committed
+
+
+def test_commit_skips_taken_sequence(tmp_path: Path) -> None:
+
+    from appliance.intake import LineIntake
+    from appliance.store import Store
+    from firmware_bridge.counters import LinkCounters
+    from firmware_bridge.lines import Line, LineSplitter
+    from firmware_bridge.ring_buffer import RingBuffer
+
+    store = Store(tmp_path / "appliance.db")
+    with store.transaction() as conn:
+        store.insert_record(conn, "uart0", 1, "first", b"first")
+    intake = LineIntake(
+        "uart0",
+        RingBuffer(64),
+        LineSplitter(LinkCounters()),
+        store.path,
+        threading.Event(),
+    )
+    next_seq = intake._commit(store, [Line(text="second", data=b"second")], 1)
+    rows = store.list_records()
+    store.close()
+    assert [row["raw"] for row in rows] == ["first", "second"]
+    assert next_seq == 3
