@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from appliance.cli_options import model_options
 from appliance.errors import ApplianceError
 from appliance.paths import DataDirLock, default_data_dir, prepare_data_dir
 from appliance.states import RecordKind, RecordState
@@ -91,14 +92,7 @@ def main() -> None:
     "--upload-url",
     help="Upload queued records to this HTTP endpoint in the background.",
 )
-@click.option(
-    "--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct."
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    help="llama.cpp CPU threads; default: the model manifest's n_threads.",
-)
+@model_options
 @click.option(
     "--demo-rate",
     type=click.FloatRange(min=0),
@@ -195,14 +189,7 @@ def run(
     show_default=True,
     help="log_event: free text for the model; json: one JSON object per line.",
 )
-@click.option(
-    "--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct."
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    help="llama.cpp CPU threads; default: the model manifest's n_threads.",
-)
+@model_options
 @click.option("-v", "--verbose", is_flag=True, help="Log every state change.")
 def replay(
     data_dir: Path,

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from appliance.cli_options import model_options
 from appliance.errors import ApplianceError
 from appliance.paths import default_data_dir
 
@@ -62,14 +63,7 @@ POSITIVE_CLASS = {
     show_default="$FIELD_RELAY_DATA_DIR or ~/.local/share/field-relay",
     help="Data directory; eval records and their answer cache go to its eval/ folder.",
 )
-@click.option(
-    "--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct."
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    help="llama.cpp CPU threads; default: the model manifest's n_threads.",
-)
+@model_options
 @click.option("-v", "--verbose", is_flag=True, help="Log every state change.")
 def eval_command(
     dataset: Path,

@@ -29,7 +29,7 @@ class ApplianceError(Exception):
 
 
 class SetupError(ApplianceError):
-    """A precondition for starting is not met; the message says how to fix it."""
+    """A precondition for starting is not met; the message gives the fix."""
 
 
 class DataDirError(SetupError):

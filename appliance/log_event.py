@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Severity(enum.StrEnum):
-    """How urgent the event is for a technician, independent of the logged level."""
+    """Urgency of the event for a technician, independent of the logged level."""
 
     DEBUG = "debug"
     INFO = "info"

@@ -17,7 +17,7 @@ import enum
 
 
 class RecordState(enum.StrEnum):
-    """Where a record is in the workflow."""
+    """Position of a record in the workflow."""
 
     RECEIVED = "received"
     """Committed on arrival with its raw line; waiting for inference."""
@@ -30,7 +30,7 @@ class RecordState(enum.StrEnum):
     UPLOADED = "uploaded"
     """Accepted by the sink."""
     DEAD = "dead"
-    """Given up; ``error`` holds the reason and the history holds every attempt."""
+    """Given up; ``error`` contains the reason and the history every attempt."""
 
 
 FINAL_STATES = frozenset({RecordState.QUEUED, RecordState.UPLOADED, RecordState.DEAD})

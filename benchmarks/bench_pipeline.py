@@ -106,7 +106,7 @@ def _run_mode(
 
 
 def _stock_grammar(schema: dict) -> str:
-    """The GBNF text llama-cpp-python's own converter makes from ``schema``."""
+    """Return the GBNF text that llama-cpp-python's own converter makes from ``schema``."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     return json_schema_to_gbnf(json.dumps(schema))
