@@ -10,7 +10,8 @@ the schema node instead of being skipped.
 
 Supported: ``object`` (every property required, no additional properties),
 ``string`` (``maxLength`` required, ``minLength``, ``enum``, ``const``),
-``boolean``, ``null``, ``integer`` (digit count bounded), ``array`` (``items``,
+``boolean``, ``null``, ``integer`` (``minimum``, ``maximum`` and their exclusive
+forms, within a signed 64-bit range), ``array`` (``items``,
 ``minItems``, ``maxItems`` required), ``enum``/``const`` of scalars, ``$ref``
 into ``$defs`` and ``anyOf`` of supported schemas.
 """
@@ -32,7 +33,10 @@ STRING_CHAR = r'[^"\\\x00-\x1F\x7F] | "\\" ["\\/]'
 """One JSON string character: no control characters, only \\" \\\\ \\/ escapes."""
 
 MAX_INTEGER_DIGITS = 18
-"""Digits allowed in an integer, so the value fits a signed 64-bit integer."""
+"""Digits allowed in an unbounded integer, so the value fits a signed 64-bit integer."""
+
+INTEGER_LIMIT = 10**MAX_INTEGER_DIGITS - 1
+"""Largest magnitude an integer may have; bounds outside it are rejected."""
 
 
 def schema_to_gbnf(schema: dict[str, Any]) -> str:
@@ -47,6 +51,64 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
     lines = [f"root ::= {builder.rules.pop('root')}"]
     lines += [f"{name} ::= {body}" for name, body in builder.rules.items()]
     return "\n".join(lines) + "\n"
+
+
+def integer_range_alternatives(low: int, high: int) -> list[str]:
+    """Return GBNF sequences whose union is the decimal text of ``low``..``high``.
+
+    Each sequence is a literal prefix, at most one character class and a run
+    of ``[0-9]``, the usual digit-by-digit split of a numeric range. Text has
+    no leading zeros and no ``-0``, so every integer has exactly one spelling.
+    """
+    parts: list[str] = []
+    if low < 0:
+        magnitudes = _unsigned_range(max(1, -high), -low)
+        parts += [_join('"-"', p) for p in magnitudes]
+    if high >= 0:
+        parts += _unsigned_range(max(0, low), high)
+    return parts
+
+
+def _unsigned_range(low: int, high: int) -> list[str]:
+    """GBNF sequences for the non-negative integers ``low``..``high``."""
+    parts: list[str] = []
+    while low <= high:
+        # Split at each change of digit count: 0..9, 10..99, 100..999, ...
+        top = min(high, 10 ** len(str(low)) - 1)
+        parts += _same_length(str(low), str(top))
+        low = top + 1
+    return parts
+
+
+def _same_length(low: str, high: str) -> list[str]:
+    """GBNF sequences for the digit strings ``low``..``high`` of equal length."""
+    if low == high:
+        return [f'"{low}"']
+    if len(low) == 1:
+        return [f"[{low}-{high}]"]
+    rest = len(low) - 1
+    if low[0] == high[0]:
+        return [_join(f'"{low[0]}"', p) for p in _same_length(low[1:], high[1:])]
+    parts: list[str] = []
+    first, last = int(low[0]), int(high[0])
+    if low[1:] != "0" * rest:
+        parts += [_join(f'"{low[0]}"', p) for p in _same_length(low[1:], "9" * rest)]
+        first += 1
+    tail: list[str] = []
+    if high[1:] != "9" * rest:
+        tail = [_join(f'"{high[0]}"', p) for p in _same_length("0" * rest, high[1:])]
+        last -= 1
+    if first <= last:
+        digit = f'"{first}"' if first == last else f"[{first}-{last}]"
+        parts.append(_join(digit, f"[0-9]{{{rest}}}"))
+    return parts + tail
+
+
+def _join(head: str, tail: str) -> str:
+    """Concatenate two GBNF sequences, merging adjacent literals."""
+    if head.endswith('"') and tail.startswith('"') and tail.count('"') == 2:
+        return head[:-1] + tail[1:]
+    return f"{head} {tail}"
 
 
 def _literal(value: str) -> str:
@@ -100,9 +162,7 @@ class _GrammarBuilder:
         if kind == "null":
             return '"null"'
         if kind == "integer":
-            # TODO: honour minimum and maximum with a digit-range grammar; until
-            # then only the digit count is bounded and pydantic checks the range.
-            return f'"-"? [0-9]{{1,{MAX_INTEGER_DIGITS}}}'
+            return self._integer(node, path)
         if kind == "array":
             return self._array(node, path)
         raise GrammarError(f"schema node {path!r} has unsupported type {kind!r}", path)
@@ -117,7 +177,44 @@ class _GrammarBuilder:
             handled |= {"minLength", "maxLength"}
         elif kind == "array":
             handled |= {"items", "minItems", "maxItems"}
+        elif kind == "integer":
+            handled |= {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
         return handled
+
+    def _integer(self, node: dict[str, Any], path: str) -> str:
+        low, high = -INTEGER_LIMIT, INTEGER_LIMIT
+        bounds = (
+            ("minimum", 0, max),
+            ("exclusiveMinimum", 1, max),
+            ("maximum", 0, min),
+            ("exclusiveMaximum", -1, min),
+        )
+        for key, shift, pick in bounds:
+            if key not in node:
+                continue
+            value = node[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise GrammarError(
+                    f"integer at {path!r} has {key} {value!r}; use a whole number",
+                    path,
+                )
+            if abs(value) > INTEGER_LIMIT:
+                raise GrammarError(
+                    f"integer at {path!r} has {key} {value}, outside "
+                    f"±{INTEGER_LIMIT}; narrow the bound",
+                    path,
+                )
+            if pick is max:
+                low = max(low, value + shift)
+            else:
+                high = min(high, value + shift)
+        if low > high:
+            raise GrammarError(
+                f"integer at {path!r} admits no value: lowest {low} is above "
+                f"highest {high}",
+                path,
+            )
+        return "( " + " | ".join(integer_range_alternatives(low, high)) + " )"
 
     def _ref(self, ref: str, path: str) -> str:
         if ref in self._ref_names:

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import GrammarError
-from appliance.grammar import schema_to_gbnf
+from appliance.grammar import (
+    INTEGER_LIMIT,
+    integer_range_alternatives,
+    schema_to_gbnf,
+)
 from appliance.grammar_check import check_grammar
 from appliance.grammar_files import GRAMMAR_DIR, expected_files
 
@@ -103,6 +107,60 @@ def test_unsupported_schema_names_the_field(schema: dict, field: str) -> None:
     assert caught.value.field == field
 
 
+def _range_regex(low: int, high: int) -> re.Pattern[str]:
+    """Translate the range's GBNF sequences (literals, classes, {n}) to a regex."""
+    options = []
+    for sequence in integer_range_alternatives(low, high):
+        options.append(sequence.replace('"', "").replace(" ", ""))
+    return re.compile("|".join(options))
+
+
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [(0, 0), (-5, -1), (-15, 2345), (1, 100), (0, 1009), (-1000, 1000), (37, 4129)],
+)
+def test_integer_range_matches_exactly_its_values(low: int, high: int) -> None:
+    pattern = _range_regex(low, high)
+    for value in range(low - 1100, high + 1100):
+        assert bool(pattern.fullmatch(str(value))) is (low <= value <= high), value
+
+
+def test_integer_range_has_one_spelling_per_value() -> None:
+    pattern = _range_regex(-50, 50)
+    for text in ("-0", "007", "+5", "05", "-05"):
+        assert pattern.fullmatch(text) is None, text
+
+
+def test_integer_range_reaches_the_64_bit_limits() -> None:
+    pattern = _range_regex(-INTEGER_LIMIT, INTEGER_LIMIT)
+    assert pattern.fullmatch(str(INTEGER_LIMIT))
+    assert pattern.fullmatch(str(-INTEGER_LIMIT))
+    assert pattern.fullmatch(str(INTEGER_LIMIT + 1)) is None
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        ({"type": "integer", "minimum": 5, "maximum": 4}, "admits no value"),
+        ({"type": "integer", "exclusiveMinimum": 3, "maximum": 3}, "admits no value"),
+        ({"type": "integer", "minimum": 1.5}, "whole number"),
+        ({"type": "integer", "maximum": 10**19}, "narrow the bound"),
+        ({"type": "integer", "multipleOf": 2}, "multipleOf"),
+    ],
+)
+def test_bad_integer_bounds_name_the_field(node: dict, message: str) -> None:
+    with pytest.raises(GrammarError, match=message) as caught:
+        schema_to_gbnf(_obj(count=node))
+    assert caught.value.field == "#/properties/count"
+
+
+def test_exclusive_bounds_move_by_one() -> None:
+    grammar = schema_to_gbnf(
+        _obj(n={"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 10})
+    )
+    assert "( [1-9] )" in grammar
+
+
 def test_optional_property_is_rejected() -> None:
     schema = _obj(a={"type": "boolean"})
     schema["properties"]["b"] = {"type": "boolean"}
@@ -130,6 +188,17 @@ def test_schema_file_is_valid_json_schema() -> None:
 )
 def test_grammar_file_compiles_in_llama_cpp(path: Path, model_path: Path) -> None:
     check_grammar(path.read_text(encoding="utf-8"), model_path)
+
+
+@pytest.mark.model
+def test_integer_range_grammar_compiles_in_llama_cpp(model_path: Path) -> None:
+    grammar = schema_to_gbnf(
+        _obj(
+            celsius={"type": "integer", "minimum": -40, "maximum": 125},
+            count={"type": "integer", "minimum": 0},
+        )
+    )
+    check_grammar(grammar, model_path)
 
 
 @pytest.mark.model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,28 @@ def test_gbnf_path_output_parses(engine) -> None:
     completion = engine.complete(build_messages(LINES[0]), GBNF, SamplingParams())
     assert completion.finish_reason == "stop"
     assert parse_log_event(completion.text)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_gbnf_integer_bounds_hold_in_sampled_output(engine, seed: int) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "celsius": {"type": "integer", "minimum": -40, "maximum": 125},
+            "retries": {"type": "integer", "minimum": 3, "maximum": 7},
+        },
+        "required": ["celsius", "retries"],
+        "additionalProperties": False,
+    }
+    messages = [
+        {"role": "system", "content": "Reply with JSON."},
+        {"role": "user", "content": "Sensor reads 9000 degrees after 99999 retries."},
+    ]
+    params = SamplingParams(temperature=1.0, max_tokens=40, seed=seed)
+    completion = engine.complete(messages, schema_to_gbnf(schema), params)
+    value = json.loads(completion.text)
+    assert -40 <= value["celsius"] <= 125
+    assert 3 <= value["retries"] <= 7
 
 
 def test_completion_reports_token_counts(engine) -> None:
