@@ -7,7 +7,10 @@ Every error derives from ``BridgeError`` and is grouped by what the caller can d
     │   ├── PortNotFoundError       the path or URL names no port
     │   └── PortPermissionError     the port exists but this user may not open it
     ├── LinkLostError        an open link dropped; reconnecting may help
-    └── BufferClosedError    a ring buffer was used after close (misuse)
+    ├── BufferClosedError    a ring buffer was used after close (misuse)
+    ├── FrameError           a frame is malformed or its CRC fails; counted, skipped
+    ├── AuthenticationError  a frame fails its MAC or AEAD tag, or is replayed
+    └── PairingError         a device is not paired, or its key file is unusable
 """
 
 from __future__ import annotations
@@ -51,3 +54,23 @@ class LinkLostError(BridgeError):
 
 class BufferClosedError(BridgeError):
     """A ring buffer was written after it was closed."""
+
+
+class FrameError(BridgeError):
+    """A frame could not be decoded.
+
+    Attributes:
+        crc: True when the frame was whole but its CRC-32C did not match.
+    """
+
+    def __init__(self, message: str, crc: bool = False) -> None:
+        super().__init__(message)
+        self.crc = crc
+
+
+class AuthenticationError(BridgeError):
+    """A frame failed authentication: a bad tag or MAC, or a replayed sequence."""
+
+
+class PairingError(BridgeError):
+    """A device is unknown to the appliance, or its pairing file cannot be used."""
