@@ -155,11 +155,7 @@ class LineIntake(threading.Thread):
                     )
                     if record_id is None:
                         # Another writer took this number; never drop the line.
-                        row = conn.execute(
-                            "SELECT MAX(seq) AS m FROM records WHERE link = ?",
-                            (self.link,),
-                        ).fetchone()
-                        seq = int(row["m"]) + 1
+                        seq = store.next_seq_in(conn, self.link)
                         logger.warning(
                             "link %s: sequence taken, continuing at %d", self.link, seq
                         )

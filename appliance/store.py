@@ -127,6 +127,27 @@ class Store:
                 pk="name",
                 if_not_exists=True,
             )
+            self.db["streams"].create(
+                {
+                    "device_id": str,
+                    "stream_id": str,
+                    "link": str,
+                    "next_number": int,
+                    "updated_at": float,
+                },
+                pk=("device_id", "stream_id"),
+                if_not_exists=True,
+            )
+            self.db["messages"].create(
+                {
+                    "device_id": str,
+                    "stream_id": str,
+                    "number": int,
+                    "record_id": str,
+                },
+                pk=("device_id", "stream_id", "number"),
+                if_not_exists=True,
+            )
             self.db["batches"].create(
                 {
                     "id": str,
@@ -190,6 +211,66 @@ class Store:
         """Return the sequence number the next record on ``link`` gets."""
         rows = self.query("SELECT MAX(seq) AS m FROM records WHERE link = ?", (link,))
         return (rows[0]["m"] or 0) + 1
+
+    def stream_next(self, device_id: str, stream_id: str) -> int:
+        """Return the next message number expected on a device stream (0 if new)."""
+        rows = self.query(
+            "SELECT next_number FROM streams WHERE device_id = ? AND stream_id = ?",
+            (device_id, stream_id),
+        )
+        return int(rows[0]["next_number"]) if rows else 0
+
+    def record_message(
+        self,
+        conn: sqlite3.Connection,
+        link: str,
+        device_id: str,
+        stream_id: str,
+        number: int,
+        record_id: str,
+    ) -> None:
+        """Tie a record to its device message and advance the stream, in one
+        transaction with the record's insert, so a message is stored once.
+
+        Raises:
+            sqlite3.IntegrityError: the message is already stored.
+        """
+        conn.execute(
+            "INSERT INTO messages (device_id, stream_id, number, record_id)"
+            " VALUES (?, ?, ?, ?)",
+            (device_id, stream_id, number, record_id),
+        )
+        conn.execute(
+            "INSERT INTO streams (device_id, stream_id, link, next_number, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, stream_id) DO UPDATE"
+            " SET next_number = MAX(next_number, excluded.next_number),"
+            " link = excluded.link, updated_at = excluded.updated_at",
+            (device_id, stream_id, link, number + 1, time.time()),
+        )
+
+    @staticmethod
+    def has_message(
+        conn: sqlite3.Connection, device_id: str, stream_id: str, number: int
+    ) -> bool:
+        """True when the device message is already stored."""
+        row = conn.execute(
+            "SELECT 1 FROM messages WHERE device_id = ? AND stream_id = ? AND number = ?",
+            (device_id, stream_id, number),
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def next_seq_in(conn: sqlite3.Connection, link: str) -> int:
+        """``next_seq`` inside an open transaction."""
+        row = conn.execute(
+            "SELECT MAX(seq) AS m FROM records WHERE link = ?", (link,)
+        ).fetchone()
+        return int(row["m"] or 0) + 1
+
+    def message_of(self, record_id: str) -> sqlite3.Row | None:
+        """Return the device message a record came from, if it came framed."""
+        rows = self.query("SELECT * FROM messages WHERE record_id = ?", (record_id,))
+        return rows[0] if rows else None
 
     def count_link_records(self, link: str) -> int:
         rows = self.query("SELECT COUNT(*) AS n FROM records WHERE link = ?", (link,))

@@ -40,14 +40,22 @@ class LinkCounters:
     reconnects: int = 0
     """Times the port was reopened after a failure."""
 
+    write_errors: int = 0
+    """Failed writes to the port (acknowledgements are resent on demand)."""
+
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
     def add(self, other: dict[str, int]) -> None:
         """Add counts loaded from an earlier run, ignoring unknown names."""
-        for field in dataclasses.fields(self):
-            setattr(
-                self,
-                field.name,
-                getattr(self, field.name) + int(other.get(field.name, 0)),
-            )
+        add_counts(self, other)
+
+
+def add_counts(counts: object, other: dict[str, int]) -> None:
+    """Add ``other``'s values to the same-named integer fields of a dataclass."""
+    for field in dataclasses.fields(counts):  # type: ignore[arg-type]
+        setattr(
+            counts,
+            field.name,
+            getattr(counts, field.name) + int(other.get(field.name, 0)),
+        )

@@ -151,20 +151,22 @@ class ApplianceEndpoint:
     Args:
         lookup_key: returns a paired device's PSK by device id, or None.
         next_number: returns the next message number the store expects for a
-            (device id, stream id) pair: 0 for a new stream.
+            (device id, stream id) pair: 0 for a new stream. The attribute of
+            the same name may be replaced, for example by the thread that owns
+            the database connection.
         random: source of random bytes (os.urandom; tests pass a fixed one).
     """
 
     def __init__(
         self,
         lookup_key: Callable[[bytes], bytes | None],
-        next_number: Callable[[str, str], int],
+        next_number: Callable[[str, str], int] = lambda device, stream: 0,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.decoder = FrameDecoder()
         self.stats = ProtocolStats()
         self._lookup_key = lookup_key
-        self._next_number = next_number
+        self.next_number = next_number
         self._random = random
         self._session: _Session | None = None
         self._frames_in_session = 0
@@ -337,7 +339,7 @@ class ApplianceEndpoint:
         )
         if not same_stream:
             self.device_id, self.stream_id = device_id.hex(), stream_id.hex()
-            self.expected = self.committed = self._next_number(
+            self.expected = self.committed = self.next_number(
                 self.device_id, self.stream_id
             )
         appliance_random = self._random(crypto.RANDOM_SIZE)
@@ -415,6 +417,9 @@ class DeviceEndpoint:
         handshake_timeout: seconds to wait for HELLO_ACK before a new HELLO.
         rekey_frames, rekey_seconds: start a new handshake after this many
             frames or this long.
+        stream_id: the stream to continue; None starts a new random stream.
+        first_number: the number the next submitted message gets, for a
+            device that resumes a stream from persistent storage.
     """
 
     def __init__(
@@ -428,6 +433,7 @@ class DeviceEndpoint:
         rekey_seconds: float = REKEY_SECONDS,
         random: Callable[[int], bytes] = os.urandom,
         stream_id: bytes | None = None,
+        first_number: int = 0,
     ) -> None:
         if len(device_id) != crypto.DEVICE_ID_SIZE or len(psk) != crypto.PSK_SIZE:
             raise ValueError("device id must be 8 bytes and the key 32 bytes")
@@ -443,11 +449,11 @@ class DeviceEndpoint:
         self.stats = DeviceStats()
         self.decoder = FrameDecoder()
         self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
-        self.next_number = 0
-        self.acked = 0
+        self.next_number = first_number
+        self.acked = first_number
         """Every message below this number is acknowledged."""
-        self._send_from = 0
-        self._high_water = 0
+        self._send_from = first_number
+        self._high_water = first_number
         """One past the highest message number ever sent; lower ones are resends."""
         self._progress_at = 0.0
         self._out = bytearray()

@@ -27,6 +27,10 @@ READ_CHUNK = 4096
 """Maximum bytes taken from the port per read call."""
 
 
+WRITE_TIMEOUT = 1.0
+"""Seconds a write may block on a device that stopped reading."""
+
+
 def open_port(url: str, baudrate: int, read_timeout: float) -> serial.SerialBase:
     """Open ``url`` with pyserial, translating its errors into ``PortError``.
 
@@ -36,7 +40,9 @@ def open_port(url: str, baudrate: int, read_timeout: float) -> serial.SerialBase
         PortError: any other failure to open, with pyserial's reason.
     """
     try:
-        return serial.serial_for_url(url, baudrate=baudrate, timeout=read_timeout)
+        return serial.serial_for_url(
+            url, baudrate=baudrate, timeout=read_timeout, write_timeout=WRITE_TIMEOUT
+        )
     except (serial.SerialException, OSError, ValueError) as exc:
         raise _port_error(url, exc) from exc
 
@@ -119,6 +125,7 @@ class SerialLink:
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._thread: threading.Thread | None = None
+        self._write_lock = threading.Lock()
 
     def open(self) -> None:
         """Open the port now; raises ``PortError`` when it cannot be opened."""
@@ -132,6 +139,26 @@ class SerialLink:
             target=self._run, name=f"link-{self.name}", daemon=True
         )
         self._thread.start()
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data`` to the port; return False when the port is down.
+
+        A failed write is counted and not retried: the protocol above resends
+        what matters (the device repeats unacknowledged frames, the appliance
+        repeats acknowledgements when it sees them).
+        """
+        with self._write_lock:
+            port = self._port
+            if port is None:
+                self.counters.write_errors += 1
+                return False
+            try:
+                port.write(data)
+            except (serial.SerialException, OSError) as exc:
+                self.counters.write_errors += 1
+                logger.debug("link %s: write failed: %s", self.name, exc)
+                return False
+        return True
 
     def pause(self) -> None:
         """Stop draining the port so the device is held back; bytes stay in the OS."""
