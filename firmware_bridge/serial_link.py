@@ -12,13 +12,13 @@ import errno
 import grp
 import logging
 import os
-import random
 import threading
 
 import serial
 
 from firmware_bridge.counters import LinkCounters
 from firmware_bridge.errors import PortError, PortNotFoundError, PortPermissionError
+from firmware_bridge.link import Link, LinkState, backoff_delay
 from firmware_bridge.ring_buffer import RingBuffer
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _group_of(path: str) -> str | None:
         return None
 
 
-class SerialLink:
+class SerialLink(Link):
     """A named serial link feeding a ring buffer from a background thread.
 
     Call ``open()`` first so a port that cannot be opened fails at start with a
@@ -120,7 +120,8 @@ class SerialLink:
         self.baudrate = baudrate
         self.read_timeout = read_timeout
         self.max_backoff = max_backoff
-        self.state = "closed"
+        self.state = LinkState.CLOSED
+        self.last_error: str | None = None
         self._port: serial.SerialBase | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -130,7 +131,7 @@ class SerialLink:
     def open(self) -> None:
         """Open the port now; raises ``PortError`` when it cannot be opened."""
         self._port = open_port(self.url, self.baudrate, self.read_timeout)
-        self.state = "connected"
+        self.state = LinkState.CONNECTED
         logger.info("link %s: opened %s at %d baud", self.name, self.url, self.baudrate)
 
     def start(self) -> None:
@@ -173,7 +174,7 @@ class SerialLink:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._close_port()
-        self.state = "closed"
+        self.state = LinkState.CLOSED
 
     def _close_port(self) -> None:
         port, self._port = self._port, None
@@ -199,9 +200,10 @@ class SerialLink:
                 data = self._port.read(min(max(waiting, 1), READ_CHUNK))
             except (serial.SerialException, OSError) as exc:
                 self.counters.read_errors += 1
+                self.last_error = f"read failed: {exc}"
                 logger.warning("link %s: read failed, reopening: %s", self.name, exc)
                 self._close_port()
-                self.state = "backing_off"
+                self.state = LinkState.BACKING_OFF
                 continue
             if data:
                 self.counters.bytes += len(data)
@@ -215,17 +217,18 @@ class SerialLink:
         self.counters.overflow_dropped_bytes += self.ring.dropped_bytes - before_dropped
 
     def _reopen(self, attempt: int) -> bool:
-        delay = random.uniform(0, min(self.max_backoff, 0.5 * 2**attempt))
+        delay = backoff_delay(attempt, cap=self.max_backoff)
         if self._stop.wait(delay):
             return False
         try:
             self._port = open_port(self.url, self.baudrate, self.read_timeout)
         except PortError as exc:
+            self.last_error = str(exc)
             logger.warning(
                 "link %s: reopen attempt %d failed: %s", self.name, attempt + 1, exc
             )
             return False
         self.counters.reconnects += 1
-        self.state = "connected"
+        self.state = LinkState.CONNECTED
         logger.info("link %s: reopened %s", self.name, self.url)
         return True
