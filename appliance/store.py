@@ -267,6 +267,15 @@ class Store:
         ).fetchone()
         return int(row["m"] or 0) + 1
 
+    def latest_stream(self, device_id: str) -> tuple[str, int] | None:
+        """Return the most recently used stream of a device and its next number."""
+        rows = self.query(
+            "SELECT stream_id, next_number FROM streams WHERE device_id = ?"
+            " ORDER BY updated_at DESC LIMIT 1",
+            (device_id,),
+        )
+        return (rows[0]["stream_id"], int(rows[0]["next_number"])) if rows else None
+
     def message_of(self, record_id: str) -> sqlite3.Row | None:
         """Return the device message a record came from, if it came framed."""
         rows = self.query("SELECT * FROM messages WHERE record_id = ?", (record_id,))

@@ -5,7 +5,9 @@ Every error derives from ``BridgeError`` and is grouped by what the caller can d
     BridgeError
     ├── PortError            the port cannot be used; the operator must act
     │   ├── PortNotFoundError       the path or URL names no port
-    │   └── PortPermissionError     the port exists but this user may not open it
+    │   ├── PortPermissionError     the port exists but this user may not open it
+    │   ├── DeviceNotFoundError     no BLE device matched the target during a scan
+    │   └── AdapterUnavailableError the Bluetooth adapter is missing or powered off
     ├── LinkLostError        an open link dropped; reconnecting may help
     ├── BufferClosedError    a ring buffer was used after close (misuse)
     ├── FrameError           a frame is malformed or its CRC fails; counted, skipped
@@ -21,10 +23,10 @@ class BridgeError(Exception):
 
 
 class PortError(BridgeError):
-    """A serial port could not be opened.
+    """A serial port or BLE device could not be opened.
 
     Attributes:
-        port: the port path or URL as configured.
+        port: the port path or URL, or the BLE target, as configured.
     """
 
     def __init__(self, message: str, port: str) -> None:
@@ -74,3 +76,11 @@ class AuthenticationError(BridgeError):
 
 class PairingError(BridgeError):
     """A device is unknown to the appliance, or its pairing file cannot be used."""
+
+
+class DeviceNotFoundError(PortError):
+    """No BLE device matching the configured address, name or service was found."""
+
+
+class AdapterUnavailableError(PortError):
+    """The Bluetooth adapter or BlueZ cannot be used: missing, powered off or unreachable."""

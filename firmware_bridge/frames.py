@@ -1,6 +1,7 @@
 """Frame layout of the device link: header, payload and CRC-32C, COBS on the wire.
 
-A frame on the wire is ``COBS(header || payload || crc) || 0x00``. The header
+A frame on the wire is ``0x00 || COBS(header || payload || crc) || 0x00``. The
+header
 is ten bytes, big-endian::
 
     offset  size  field
@@ -92,10 +93,15 @@ def header_bytes(
 
 
 def encode_frame(header: bytes, payload: bytes) -> bytes:
-    """Return the wire bytes of a frame: COBS body and the 0x00 delimiter."""
+    """Return the wire bytes of a frame: 0x00, the COBS body, 0x00.
+
+    The leading delimiter ends whatever came before (a frame cut short by a
+    reset or a notification limit, line noise), so that debris never merges
+    with this frame; receivers skip the empty frame two delimiters make.
+    """
     packet = header + payload
     packet += CRC.pack(google_crc32c.value(packet))
-    return cobs.encode(packet) + b"\x00"
+    return b"\x00" + cobs.encode(packet) + b"\x00"
 
 
 def parse_packet(packet: bytes) -> Frame:
@@ -114,6 +120,10 @@ def parse_packet(packet: bytes) -> Frame:
             f"CRC-32C mismatch: frame says {crc:#010x}, "
             f"bytes give {google_crc32c.value(body):#010x}",
             crc=True,
+        )
+    if len(packet) > MAX_PACKET:
+        raise FrameError(
+            f"frame of {len(packet)} bytes exceeds the {MAX_PACKET}-byte maximum"
         )
     version, type_, flags, key_id, seq, length = HEADER.unpack_from(body)
     if version != VERSION:

@@ -50,6 +50,8 @@ REKEY_SECONDS = 3600.0
 """Age of a session at which the device starts a new handshake."""
 HARD_FRAME_LIMIT = 1 << 24
 """Frames after which the appliance refuses a session that was never re-keyed."""
+NACK_INTERVAL = 0.25
+"""Seconds after which a gap that is still open is NACKed again."""
 RESET_INTERVAL = 0.5
 """Least seconds between two RESET frames the appliance sends unprompted."""
 
@@ -178,6 +180,7 @@ class ApplianceEndpoint:
         self.committed = 0
         """Next message number not yet committed; acknowledged up to here."""
         self._nacked_at: int | None = None
+        self._nack_time = 0.0
         self._last_reset = -RESET_INTERVAL
         self._queue: collections.deque[Frame] = collections.deque()
         self._out = bytearray()
@@ -263,7 +266,7 @@ class ApplianceEndpoint:
         if kind == MessageType.PING:
             self._out += session.sealed_frame(MessageType.PONG, plaintext)
             return None
-        return self._data(session, plaintext)
+        return self._data(session, plaintext, now)
 
     def _open(self, session: _Session, frame: Frame) -> bytes | None:
         try:
@@ -279,8 +282,11 @@ class ApplianceEndpoint:
             logger.warning("device %s: %s", self.device_id, exc)
             return None
 
-    def _data(self, session: _Session, plaintext: bytes) -> Message | None:
+    def _data(self, session: _Session, plaintext: bytes, now: float) -> Message | None:
         if len(plaintext) < U32.size:
+            self.stats.unexpected_frames += 1
+            return None
+        if len(plaintext) > U32.size + MAX_BODY:
             self.stats.unexpected_frames += 1
             return None
         (number,) = U32.unpack_from(plaintext)
@@ -299,8 +305,11 @@ class ApplianceEndpoint:
                 self.stats.acks_sent += 1
             return None
         self.stats.message_gaps += 1
-        if self._nacked_at != self.expected:
+        if self._nacked_at != self.expected or now - self._nack_time >= NACK_INTERVAL:
+            # One NACK per gap, repeated if the gap outlives NACK_INTERVAL
+            # (the resent frame was lost too).
             self._nacked_at = self.expected
+            self._nack_time = now
             self._out += session.sealed_frame(
                 MessageType.NACK, bytes([NackReason.GAP]) + U32.pack(self.expected)
             )
@@ -320,9 +329,8 @@ class ApplianceEndpoint:
         if psk is None:
             self.stats.unpaired_hellos += 1
             logger.warning(
-                "refused device %s: it is not paired with this appliance; "
-                "pair it with `appliance pair %s`",
-                device_id.hex(),
+                "refused device %s: it is not paired with this appliance; run "
+                "`appliance pair NAME --export FILE` and load FILE onto the device",
                 device_id.hex(),
             )
             self._reset(ResetReason.UNPAIRED, now, force=True)
@@ -436,7 +444,10 @@ class DeviceEndpoint:
         first_number: int = 0,
     ) -> None:
         if len(device_id) != crypto.DEVICE_ID_SIZE or len(psk) != crypto.PSK_SIZE:
-            raise ValueError("device id must be 8 bytes and the key 32 bytes")
+            raise ValueError(
+                f"device id of {len(device_id)} bytes and key of {len(psk)} bytes "
+                f"given; they must be {crypto.DEVICE_ID_SIZE} and {crypto.PSK_SIZE}"
+            )
         self.device_id = device_id
         self.psk = psk
         self.window = window
@@ -591,10 +602,12 @@ class DeviceEndpoint:
             self.stats.acks += 1
             self._acknowledge(U32.unpack(plaintext)[0], now)
         elif frame.type == MessageType.NACK and len(plaintext) == 1 + U32.size:
+            # A NACK says where to resume sending, not what is durable: the
+            # appliance may still lose messages below it that it has not
+            # committed, so they stay queued until an ACK covers them.
             self.stats.nacks += 1
             (number,) = U32.unpack_from(plaintext, 1)
-            self._acknowledge(number, now)
-            self._send_from = max(number, self.acked)
+            self._send_from = min(max(number, self.acked), self.next_number)
             self._progress_at = now
 
     def _hello_ack(self, frame: Frame, now: float) -> None:

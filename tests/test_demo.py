@@ -90,15 +90,59 @@ def test_demo_data_validates_against_schema_file(demo_dir: Path) -> None:
             assert not list(validator.iter_errors(record["data"])), record
 
 
-def test_demo_status_counts_link_lines(demo_dir: Path) -> None:
+def _status(data_dir: Path) -> dict:
     out = subprocess.run(
-        [APPLIANCE, "status", "--json", "--data-dir", str(demo_dir)],
+        [APPLIANCE, "status", "--json", "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    status = json.loads(out)
-    assert status["links"]["demo"]["lines"] >= 6
+    return json.loads(out)
+
+
+def test_demo_uses_the_sealed_framed_protocol(demo_dir: Path) -> None:
+    link = _status(demo_dir)["links"]["demo"]
+    assert link["handshakes"] >= 1
+    assert link["messages"] >= 6
+    assert link["auth_failures"] == 0
+    assert link["crc_errors"] == 0
+
+
+def test_demo_pairs_its_device(demo_dir: Path) -> None:
+    out = subprocess.run(
+        [APPLIANCE, "devices", "--json", "--data-dir", str(demo_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "demo-device" in out
+    key_file = next((demo_dir / "devices").glob("*.json"))
+    assert key_file.stat().st_mode & 0o077 == 0
+
+
+def test_demo_in_line_mode_counts_lines(tmp_path: Path, child_env_module) -> None:
+    result = subprocess.run(
+        [
+            APPLIANCE,
+            "run",
+            "--demo",
+            "--protocol",
+            "lines",
+            "--max-records",
+            "2",
+            "--demo-rate",
+            "20",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=child_env_module,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _status(tmp_path)["links"]["demo"]["lines"] >= 2
+    assert all(r["raw"] in SAMPLE_LINES for r in _records(tmp_path))
 
 
 def test_demo_rerun_continues_the_sample(demo_dir: Path, child_env_module) -> None:
@@ -107,6 +151,11 @@ def test_demo_rerun_continues_the_sample(demo_dir: Path, child_env_module) -> No
     after = _records(demo_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["seq"] for r in after] == list(range(1, len(before) + 3))
+    sample = [
+        line.split(" ", 1)[1]
+        for line in SAMPLE.read_text(encoding="utf-8", errors="replace").splitlines()
+    ]
+    assert [r["raw"] for r in after] == sample[: len(after)]
 
 
 def test_sigkill_then_rerun_loses_nothing(tmp_path: Path, child_env_module) -> None:
