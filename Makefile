@@ -16,7 +16,7 @@ ifeq ($(shell uname -m),x86_64)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 endif
 
-.PHONY: run test test-slow bench lint grammars clean gemma
+.PHONY: run test test-slow bench soak lint grammars clean gemma fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,26 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py --output docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_protocol.py --output docs/benchmarks.md
+
+# Memory and latency over many records: FIELD_RELAY_SOAK_RECORDS sets the count
+# (default 10,000, which takes hours at 1 thread on 2 cores).
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --output docs/benchmarks.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy appliance firmware_bridge
+
+# Fuzz the frame decoder and the appliance endpoint with atheris (the `fuzz`
+# extra, installed on first use) for FUZZ_SECONDS seconds on one core. Crash
+# inputs are written to .data/fuzz/.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/pip install --progress-bar off -e '.[fuzz]'
+	mkdir -p .data/fuzz
+	$(BIN)/python fuzz/fuzz_frames.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.data/fuzz/ -print_final_stats=1
 
 grammars: $(STAMP)
 	$(BIN)/appliance grammars write

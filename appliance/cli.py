@@ -77,6 +77,14 @@ def main() -> None:
     help="Line speed in bit/s.",
 )
 @click.option(
+    "--protocol",
+    type=click.Choice(["framed", "lines"]),
+    default="framed",
+    show_default=True,
+    help="Wire protocol: sealed, acknowledged frames (docs/protocol.md), or "
+    "plain text lines for legacy devices.",
+)
+@click.option(
     "--line-ending",
     type=click.Choice([e.value for e in LineEnding]),
     default="auto",
@@ -134,6 +142,7 @@ def run(
     demo: bool,
     port: str | None,
     baud: int,
+    protocol: str,
     line_ending: str,
     max_records: int | None,
     upload_url: str | None,
@@ -147,7 +156,12 @@ def run(
     verbose: bool,
 ) -> None:
     """Run the pipeline: read a link, infer, validate, queue and (optionally) upload."""
-    from appliance.daemon import Daemon, RunOptions, install_signal_handlers
+    from appliance.daemon import (
+        Daemon,
+        LinkProtocol,
+        RunOptions,
+        install_signal_handlers,
+    )
 
     _setup_logging(verbose)
     if demo == bool(port):
@@ -157,6 +171,7 @@ def run(
         demo=demo,
         demo_rate=demo_rate,
         baud=baud,
+        protocol=LinkProtocol(protocol),
         line_ending=LineEnding(line_ending),
         max_line_bytes=max_line_bytes,
         line_timeout=line_timeout,
@@ -405,11 +420,14 @@ def grammars_write() -> None:
 
 
 def _register_commands() -> None:
+    from appliance.cli_devices import DEVICE_COMMANDS
     from appliance.cli_eval import eval_command
     from appliance.cli_models import models_group
 
     main.add_command(eval_command)
     main.add_command(models_group)
+    for command in DEVICE_COMMANDS:
+        main.add_command(command)
 
 
 _register_commands()

@@ -59,3 +59,7 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("FIELD_RELAY_DATA_DIR", None)
     return env
+
+
+# The --ble-hardware flag and the ble_hardware marker.
+pytest_plugins = ["tests.conftest_ble"]
