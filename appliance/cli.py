@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -136,9 +137,17 @@ def main() -> None:
     show_default=True,
     help="When the ring buffer is full: block the reader, or drop the oldest bytes.",
 )
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML configuration with [[links]], [model], [sync] and [limits] "
+    "(docs/configuration.md); replaces --port and the link options.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every state change.")
 def run(
     data_dir: Path,
+    config_path: Path | None,
     demo: bool,
     port: str | None,
     baud: int,
@@ -156,32 +165,57 @@ def run(
     verbose: bool,
 ) -> None:
     """Run the pipeline: read a link, infer, validate, queue and (optionally) upload."""
-    from appliance.daemon import (
-        Daemon,
-        LinkProtocol,
-        RunOptions,
-        install_signal_handlers,
-    )
+    from appliance.config import LinkConfig, Protocol, load_config
+    from appliance.daemon import Daemon, RunOptions, install_signal_handlers
 
     _setup_logging(verbose)
-    if demo == bool(port):
-        raise click.UsageError("pass exactly one of --demo and --port")
+    try:
+        config = load_config(config_path)
+    except ApplianceError as exc:
+        _fail(exc)
+    if config_path is not None:
+        if port:
+            raise click.UsageError("pass either --config or --port, not both")
+        if not demo and not config.links:
+            raise click.UsageError(
+                f"{config_path} has no [[links]] entry; add one or pass --demo"
+            )
+        links = list(config.links)
+    elif demo == bool(port):
+        raise click.UsageError("pass exactly one of --demo, --port and --config")
+    else:
+        links = []
+    if port:
+        try:
+            links = [
+                LinkConfig(
+                    name=re.sub(r"[^A-Za-z0-9_.-]", "_", Path(port).name)[:32]
+                    or "port",
+                    port=port,
+                    protocol=Protocol(protocol),
+                    baud=baud,
+                    line_ending=line_ending,
+                    max_line_bytes=max_line_bytes,
+                    line_timeout=line_timeout,
+                    ring_bytes=ring_bytes,
+                    overflow=overflow,
+                )
+            ]
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     options = RunOptions(
-        port=port,
+        links=links,
         demo=demo,
         demo_rate=demo_rate,
-        baud=baud,
-        protocol=LinkProtocol(protocol),
-        line_ending=LineEnding(line_ending),
-        max_line_bytes=max_line_bytes,
-        line_timeout=line_timeout,
-        ring_capacity=ring_bytes,
-        overflow=OverflowPolicy(overflow),
+        demo_protocol=Protocol(protocol),
         max_records=max_records,
-        upload_url=upload_url,
-        model=model,
-        threads=threads,
+        max_pending=config.limits.max_pending,
+        upload_url=upload_url or config.sync.url,
+        model=model or config.model.name,
+        threads=threads or config.model.threads,
     )
+    if config.data_dir is not None and data_dir == default_data_dir():
+        data_dir = config.data_dir
     try:
         prepare_data_dir(data_dir)
         lock = DataDirLock(data_dir)
@@ -420,12 +454,16 @@ def grammars_write() -> None:
 
 
 def _register_commands() -> None:
+    from appliance.cli_config import config_group
     from appliance.cli_devices import DEVICE_COMMANDS
     from appliance.cli_eval import eval_command
     from appliance.cli_models import models_group
+    from appliance.cli_scan import scan_command
 
+    main.add_command(config_group)
     main.add_command(eval_command)
     main.add_command(models_group)
+    main.add_command(scan_command)
     for command in DEVICE_COMMANDS:
         main.add_command(command)
 

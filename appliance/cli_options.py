@@ -16,5 +16,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         help="llama.cpp CPU threads; default: the model manifest's n_threads.",
     )(func)
     return click.option(
-        "--model", help="GGUF model file; default: the bundled SmolLM2-135M-Instruct."
+        "--model",
+        help="Model name from `appliance models list`, or a GGUF model file; "
+        "default: the bundled SmolLM2-135M-Instruct.",
     )(func)

@@ -1,9 +1,10 @@
 """The appliance daemon: links, intake, workflow workers and background upload.
 
 Threads, not asyncio: pyserial and llama.cpp are blocking APIs, and each part
-gets its own thread (link reader, intake, inference worker, step worker,
-uploader). llama.cpp is only ever called from the inference worker. Threads
-share nothing but the SQLite database (one connection each) and wake-up events.
+gets its own thread (a reader and an intake per link, the inference worker,
+the step worker, the uploader). llama.cpp is only ever called from the
+inference worker. Threads share nothing but the SQLite database (one
+connection each) and wake-up events.
 """
 
 from __future__ import annotations
@@ -11,66 +12,61 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 from types import FrameType
 
+from appliance.config import LinkConfig, Protocol
 from appliance.decoding import plan_from_schema
 from appliance.errors import ApplianceError
 from appliance.grammar import schema_to_gbnf
 from appliance.grammar_check import check_grammar
-from appliance.inference import CachedEngine, LlamaEngine, OutputSpec, SamplingParams
-from appliance.intake import LineIntake
+from appliance.inference import CachedEngine, OutputSpec, SamplingParams, load_engine
+from appliance.links import RunningLink, open_link, remove_tree
 from appliance.log_event import SCHEMA_ID, log_event_schema
-from appliance.models import load_manifest, resolve_model_path
+from appliance.models import select_model
 from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
 from appliance.sync import Uploader
 from appliance.workflow import Worker, Workflow, inference_jobs, step_jobs
-from firmware_bridge.counters import LinkCounters
-from firmware_bridge.lines import LineEnding, LineSplitter
-from firmware_bridge.ring_buffer import OverflowPolicy, RingBuffer
-from firmware_bridge.serial_link import SerialLink
+from firmware_bridge.device_simulator import FramedDeviceSimulator
+from firmware_bridge.errors import PairingError
+from firmware_bridge.pairing import STORE_DIR_NAME, PairingStore
 from firmware_bridge.simulator import LineDeviceSimulator, PtyPair, load_sample_lines
 
 logger = logging.getLogger(__name__)
 
 DEMO_LINK = "demo"
+DEMO_DEVICE = "demo-device"
+"""Pairing name of the demo's simulated device."""
+STATUS_INTERVAL = 1.0
+"""Seconds between saves of each link's state for ``appliance status``."""
 
 
 @dataclasses.dataclass
 class RunOptions:
     """Settings of one ``appliance run``; the CLI fills them from its options."""
 
-    port: str | None = None
-    """Serial port path or pyserial URL; None with ``demo``."""
+    links: list[LinkConfig] = dataclasses.field(default_factory=list)
+    """The links to read; empty with ``demo``."""
     demo: bool = False
     """Read from the bundled device simulator over a pty."""
     demo_rate: float = 5.0
     """Lines per second the simulator sends."""
-    baud: int = 115200
-    """Line speed in bit/s."""
-    line_ending: LineEnding = LineEnding.AUTO
-    max_line_bytes: int = 4096
-    """Bytes kept per line; the rest of a longer line is dropped and counted."""
-    line_timeout: float = 10.0
-    """Seconds a partial line waits for its line ending before it is delivered."""
-    ring_capacity: int = 65536
-    """Ring buffer size per link, in bytes."""
-    overflow: OverflowPolicy = OverflowPolicy.BLOCK
+    demo_protocol: Protocol = Protocol.FRAMED
+    """Wire protocol of the demo device."""
     max_records: int | None = None
-    """Stop reading after this many new records, then exit once all are final."""
+    """Stop reading after this many new records per link, then exit once all are final."""
     max_pending: int = 10_000
     """Unfinished records above which intake stops reading."""
     upload_url: str | None = None
     """Upload queued records here in the background."""
     model: str | None = None
-    """GGUF file; None uses the default model's manifest."""
+    """Model manifest name or GGUF file; None uses the default model."""
     threads: int | None = None
     """llama.cpp threads; None takes the model manifest's ``n_threads``."""
-    link_name: str | None = None
-    """Name stored on records; defaults to ``demo`` or the port's file name."""
 
 
 def db_path(data_dir: Path) -> Path:
@@ -84,18 +80,12 @@ def build_workflow(data_dir: Path, model: str | None, threads: int | None) -> Wo
         ModelNotFoundError, ModelLoadError: the model cannot be used.
         GrammarError: llama.cpp rejects the generated grammar.
     """
-    manifest = load_manifest()
-    model_path = resolve_model_path(model, manifest)
-    engine = LlamaEngine(
-        model_path,
-        n_ctx=manifest.context_size,
-        n_threads=threads or manifest.n_threads,
-        n_batch=manifest.n_batch,
-        sha256=manifest.sha256 if model is None else None,
-    )
+    selection = select_model(model)
+    manifest = selection.manifest
+    engine = load_engine(selection, threads)
     schema = log_event_schema()
     grammar = schema_to_gbnf(schema)
-    check_grammar(grammar, model_path, data_dir / "grammar-checks")
+    check_grammar(grammar, selection.path, data_dir / "grammar-checks")
     output = OutputSpec(SCHEMA_ID, grammar, plan_from_schema(schema))
     cached = CachedEngine(engine, data_dir / "answer-cache")
     sampling = SamplingParams(
@@ -113,7 +103,7 @@ class Daemon:
         self.data_dir = data_dir
         self.options = options
         self.stop_event = threading.Event()
-        self._cleanups: list[tuple[str, object]] = []
+        self.links: list[RunningLink] = []
 
     def request_stop(
         self, signum: int | None = None, _frame: FrameType | None = None
@@ -136,56 +126,21 @@ class Daemon:
             Worker("inference", workflow, inference_jobs(workflow)),
             Worker("steps", workflow, step_jobs(workflow)),
         ]
-        link_name = opts.link_name or (
-            DEMO_LINK if opts.demo else Path(opts.port or "port").name
-        )
-        counters = LinkCounters()
         store = Store(db_path(self.data_dir))
-        counters.add(store.load_link_counters(link_name))
         resumed = store.unfinished_count()
-        start_line = store.count_link_records(link_name)
         store.close()
         if resumed:
             logger.info("resuming %d unfinished records from an earlier run", resumed)
 
-        pty = simulator = None
-        port = opts.port
-        if opts.demo:
-            pty = PtyPair()
-            simulator = LineDeviceSimulator(
-                pty.master_fd,
-                load_sample_lines(),
-                rate=opts.demo_rate,
-                start=start_line,
-            )
-            port = pty.slave_path
-            logger.info(
-                "demo: device simulator replays the BGL sample from line %d at %.1f lines/s on %s",
-                start_line + 1,
-                opts.demo_rate,
-                port,
-            )
-        assert port is not None
-        ring = RingBuffer(opts.ring_capacity, opts.overflow)
-        link = SerialLink(link_name, port, ring, counters, baudrate=opts.baud)
+        line_simulator = None
         try:
-            link.open()
+            if opts.demo:
+                line_simulator = self._open_demo(workflow)
+            for config in opts.links:
+                self.links.append(self._open(config, workflow))
         except BaseException:
-            if pty is not None:
-                pty.close()
+            self._stop_links()
             raise
-        splitter = LineSplitter(
-            counters, opts.line_ending, opts.max_line_bytes, opts.line_timeout
-        )
-        intake = LineIntake(
-            link_name,
-            ring,
-            splitter,
-            db_path(self.data_dir),
-            workflow.work_ready,
-            max_records=opts.max_records,
-            max_pending=opts.max_pending,
-        )
         uploader_thread = None
         if opts.upload_url:
             uploader_thread = threading.Thread(
@@ -197,23 +152,17 @@ class Daemon:
 
         for worker in workers:
             worker.start()
-        link.start()
-        intake.start()
-        if simulator is not None:
-            simulator.start()
+        for running in self.links:
+            running.start()
+        if line_simulator is not None:
+            line_simulator.start()
         if uploader_thread is not None:
             uploader_thread.start()
 
         try:
-            code = self._supervise(intake, workers, link)
+            code = self._supervise(workers)
         finally:
-            # Stop the sources first so intake can commit what is buffered.
-            if simulator is not None:
-                simulator.stop()
-            link.close()
-            intake.stop()
-            intake.join(timeout=5)
-            ring.close()
+            self._stop_links()
             for worker in workers:
                 worker.stop()
             for worker in workers:
@@ -221,18 +170,33 @@ class Daemon:
             self.stop_event.set()
             if uploader_thread is not None:
                 uploader_thread.join(timeout=10)
-            if pty is not None:
-                pty.close()
             close_engine(workflow, workers)
         return code
 
-    def _supervise(
-        self, intake: LineIntake, workers: list[Worker], link: SerialLink
-    ) -> int:
+    def _open(self, config: LinkConfig, workflow: Workflow) -> RunningLink:
+        return open_link(
+            config,
+            self.data_dir,
+            db_path(self.data_dir),
+            workflow.work_ready,
+            self.options.max_records,
+            self.options.max_pending,
+        )
+
+    def _stop_links(self) -> None:
+        # Each link closes before its intake drains, and a demo device stops
+        # after its link, so its end never looks unplugged.
+        for running in self.links:
+            running.stop()
+        self._save_link_status()
+
+    def _supervise(self, workers: list[Worker]) -> int:
         store = Store(db_path(self.data_dir), readonly=True)
+        last_status = 0.0
         try:
             while not self.stop_event.wait(0.25):
-                failed = [t for t in (intake, *workers) if getattr(t, "error", None)]
+                intakes = [running.intake for running in self.links]
+                failed = [t for t in (*intakes, *workers) if getattr(t, "error", None)]
                 if failed:
                     logger.error(
                         "stopping: thread %s failed: %s",
@@ -240,7 +204,15 @@ class Daemon:
                         failed[0].error,
                     )
                     return 1
-                if intake.done.is_set() and store.unfinished_count() == 0:
+                now = time.monotonic()
+                if now - last_status >= STATUS_INTERVAL:
+                    self._save_link_status()
+                    last_status = now
+                if (
+                    intakes
+                    and all(intake.done.is_set() for intake in intakes)
+                    and store.unfinished_count() == 0
+                ):
                     counts = store.state_counts()
                     logger.info(
                         "all records final: %d queued, %d uploaded, %d dead",
@@ -252,6 +224,119 @@ class Daemon:
             return 0
         finally:
             store.close()
+
+    def _save_link_status(self) -> None:
+        if not self.links:
+            return
+        store = Store(db_path(self.data_dir))
+        try:
+            for running in self.links:
+                store.save_link_status(
+                    running.name,
+                    running.config.transport.value,
+                    running.config.protocol.value,
+                    str(running.link.state),
+                    running.link.last_error,
+                )
+        except ApplianceError as exc:
+            logger.warning("link status not saved: %s", exc)
+        finally:
+            store.close()
+
+    def _open_demo(self, workflow: Workflow) -> LineDeviceSimulator | None:
+        """Start the demo device and open its link.
+
+        Returns the line simulator, which starts after the link; the framed
+        simulator is already running because it creates the pty.
+        """
+        opts = self.options
+        if opts.demo_protocol == Protocol.LINES:
+            store = Store(db_path(self.data_dir))
+            start_line = store.count_link_records(DEMO_LINK)
+            store.close()
+            pty = PtyPair()
+            simulator = LineDeviceSimulator(
+                pty.master_fd,
+                load_sample_lines(),
+                rate=opts.demo_rate,
+                start=start_line,
+            )
+            logger.info(
+                "demo: a line device replays the BGL sample from line %d at "
+                "%.1f lines/s on %s",
+                start_line + 1,
+                opts.demo_rate,
+                pty.slave_path,
+            )
+            config = LinkConfig(
+                name=DEMO_LINK, port=pty.slave_path, protocol=Protocol.LINES
+            )
+            try:
+                running = self._open(config, workflow)
+            except BaseException:
+                pty.close()
+                raise
+            running.on_close += [simulator.stop, pty.close]
+            self.links.append(running)
+            return simulator
+        framed, tempdir = self._start_framed_demo()
+        assert framed.port_path is not None
+        config = LinkConfig(name=DEMO_LINK, port=framed.port_path)
+        try:
+            running = self._open(config, workflow)
+        except BaseException:
+            framed.stop()
+            remove_tree(tempdir)()
+            raise
+        running.on_close += [framed.stop, remove_tree(tempdir)]
+        self.links.append(running)
+        return None
+
+    def _start_framed_demo(self) -> tuple[FramedDeviceSimulator, Path]:
+        """Pair the demo device if needed and start it on a fresh pty.
+
+        The simulated device keeps its stream across runs, as a device with
+        persistent storage would, so a rerun continues after the last line
+        the appliance stored.
+        """
+        opts = self.options
+        pairing = PairingStore(self.data_dir / STORE_DIR_NAME)
+        try:
+            key = pairing.get(DEMO_DEVICE)
+        except PairingError:
+            key = pairing.pair(DEMO_DEVICE)
+            logger.info("demo: paired %s as device %s", DEMO_DEVICE, key.device_id_hex)
+        store = Store(db_path(self.data_dir))
+        stream = store.latest_stream(key.device_id_hex)
+        store.close()
+        stream_id, first = (
+            (bytes.fromhex(stream[0]), stream[1]) if stream else (None, 0)
+        )
+        lines = load_sample_lines()
+        messages = (line.encode("utf-8") for line in lines[first:])
+        tempdir = Path(tempfile.mkdtemp(prefix="field-relay-demo-"))
+        simulator = FramedDeviceSimulator(
+            key,
+            str(tempdir / "ttyDEMO"),
+            messages=messages,
+            rate=opts.demo_rate,
+            stream_id=stream_id,
+            first_number=first,
+        )
+        try:
+            simulator.start()
+        except BaseException:
+            remove_tree(tempdir)()
+            raise
+        logger.info(
+            "demo: device %s sends the BGL sample from line %d at %.1f lines/s "
+            "over the sealed framed protocol on %s",
+            key.device_id_hex,
+            first + 1,
+            opts.demo_rate,
+            simulator.port_path,
+        )
+        return simulator, tempdir
 
     def _upload_loop(self, url: str) -> None:
         uploader = Uploader(db_path(self.data_dir), url)

@@ -5,6 +5,7 @@ can do::
 
     ApplianceError
     ├── SetupError              the operator must fix something before start
+    │   ├── ConfigError             the configuration file is missing or invalid
     │   ├── DataDirError            the data directory cannot be created or written
     │   ├── ModelNotFoundError      no GGUF file at the configured path
     │   ├── ModelManifestError      a models/*.json manifest is invalid
@@ -30,6 +31,10 @@ class ApplianceError(Exception):
 
 class SetupError(ApplianceError):
     """A precondition for starting is not met; the message gives the fix."""
+
+
+class ConfigError(SetupError):
+    """The configuration file is missing, not TOML, or has invalid keys or values."""
 
 
 class DataDirError(SetupError):

@@ -286,7 +286,7 @@ class EvalRequest:
     """Score a stratified sample of N rows drawn with ``seed``."""
     seed: int = 0
     model: str | None = None
-    """GGUF file; None uses the default model's manifest."""
+    """Model manifest name or GGUF file; None uses the default model."""
     threads: int | None = None
     """llama.cpp CPU threads; None uses the model manifest's ``n_threads``."""
 

@@ -24,6 +24,7 @@ from typing import Any
 import diskcache
 import numpy as np
 
+from appliance.chat_templates import load_chat_format
 from appliance.decoding import (
     DecodePlan,
     SchemaDecoder,
@@ -31,6 +32,7 @@ from appliance.decoding import (
     max_output_tokens,
 )
 from appliance.errors import InferenceError, ModelLoadError, SetupError
+from appliance.models import ModelSelection
 
 DECODER_VERSION = 1
 """Bumped whenever the schema decoder's output for the same input may change."""
@@ -98,6 +100,12 @@ class LlamaEngine:
         n_batch: tokens per prompt-evaluation batch.
         sha256: the file's SHA-256 from its manifest; it keys the answer cache.
             Without it the key uses the file's name, size and modification time.
+        chat_template: name of the built-in chat template (see
+            ``appliance.chat_templates``) used when the GGUF file has none.
+
+    Raises:
+        ModelLoadError: llama.cpp cannot load the file, or the file has no chat
+            template and ``chat_template`` names no built-in one.
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class LlamaEngine:
         n_threads: int = 2,
         n_batch: int = 512,
         sha256: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         from llama_cpp import Llama
 
@@ -130,12 +139,19 @@ class LlamaEngine:
                 model_path,
             ) from exc
         self.n_ctx = n_ctx
-        self._formatter, self._add_bos = self._chat_formatter()
+        try:
+            self.chat_format = load_chat_format(self._llama, model_path, chat_template)
+        except ModelLoadError:
+            self._llama.close()
+            raise
+        table_started = time.perf_counter()
         self._table = VocabularyTable(
             # _model.token_to_piece in llama-cpp-python 0.3.36 returns its whole
             # 32-byte buffer; detokenize of one token slices it correctly.
             [self._llama._model.detokenize([t]) for t in range(self._llama.n_vocab())]
         )
+        self.vocabulary_seconds = time.perf_counter() - table_started
+        """Seconds spent building the schema decoder's vocabulary table."""
         self.load_seconds = time.perf_counter() - started
         stat = model_path.stat()
         self.identity = (
@@ -152,26 +168,10 @@ class LlamaEngine:
             n_ctx,
         )
 
-    def _chat_formatter(self) -> tuple[Any, bool]:
-        """Return the model's own chat template as a formatter, and its add-BOS flag."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        llama = self._llama
-        template = llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ModelLoadError(
-                f"model {str(self.model_path)!r} has no chat template in its metadata; "
-                "use a chat (instruct) GGUF file",
-                self.model_path,
-            )
-        eos, bos = llama.token_eos(), llama.token_bos()
-        formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
-        )
-        add_bos = llama.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
-        return formatter, add_bos
+    @property
+    def vocabulary_size(self) -> int:
+        """Number of tokens in the model's vocabulary."""
+        return self._table.size
 
     def _grammar(self, text: str) -> Any:
         from llama_cpp import LlamaGrammar
@@ -233,9 +233,9 @@ class LlamaEngine:
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Apply the model's chat template to ``messages`` and tokenize the result."""
-        prompt = self._formatter(messages=messages).prompt
+        prompt = self.chat_format.formatter(messages=messages).prompt
         return self._llama.tokenize(
-            prompt.encode("utf-8"), add_bos=self._add_bos, special=True
+            prompt.encode("utf-8"), add_bos=self.chat_format.add_bos, special=True
         )
 
     def _anchor(self, messages: list[dict[str, str]]) -> int:
@@ -308,6 +308,25 @@ class LlamaEngine:
         llama, self._llama = getattr(self, "_llama", None), None
         if llama is not None:
             llama.close()
+
+
+def load_engine(selection: ModelSelection, threads: int | None = None) -> LlamaEngine:
+    """Load the selected model with its manifest's settings.
+
+    ``threads`` overrides the manifest's ``n_threads``.
+
+    Raises:
+        ModelLoadError: llama.cpp cannot load the file or no chat template fits.
+    """
+    manifest = selection.manifest
+    return LlamaEngine(
+        selection.path,
+        n_ctx=manifest.context_size,
+        n_threads=threads or manifest.n_threads,
+        n_batch=manifest.n_batch,
+        sha256=selection.sha256,
+        chat_template=selection.chat_template,
+    )
 
 
 @contextlib.contextmanager

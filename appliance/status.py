@@ -8,6 +8,7 @@ from typing import Any
 
 import diskcache
 
+from appliance.errors import StoreError
 from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
 
@@ -40,7 +41,7 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
         return {
             "data_dir": str(data_dir),
             "records": counts,
-            "links": store.all_link_counters(),
+            "links": _links(store),
             "outbox": {
                 "queued": counts[RecordState.QUEUED],
                 "oldest_queued_age_s": round(time.time() - oldest, 1)
@@ -55,6 +56,20 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
         }
     finally:
         store.close()
+
+
+def _links(store: Store) -> dict[str, dict[str, Any]]:
+    """Each link's counters with its last saved state, transport and last error."""
+    links: dict[str, dict[str, Any]] = {
+        name: dict(counts) for name, counts in store.all_link_counters().items()
+    }
+    try:
+        states = store.all_link_status()
+    except StoreError:
+        states = {}  # a database from before link states were saved
+    for name, state in states.items():
+        links.setdefault(name, {}).update(state)
+    return links
 
 
 def answer_cache_stats(data_dir: Path) -> dict[str, int]:
@@ -85,8 +100,19 @@ def format_status(status: dict[str, Any]) -> str:
             f"{cache['bytes'] / 2**20:.1f} MiB"
         )
     for name, counters in status["links"].items():
-        lines.append(f"link {name}")
-        shown = {k: v for k, v in counters.items() if v}
+        state = counters.get("state")
+        lines.append(
+            f"link {name}"
+            + (
+                f"  {counters.get('transport')}/{counters.get('protocol')} {state}"
+                if state
+                else ""
+            )
+        )
+        if counters.get("last_error"):
+            lines.append(f"  last error: {counters['last_error']}")
+        skip = {"state", "transport", "protocol", "last_error", "updated_at"}
+        shown = {k: v for k, v in counters.items() if v and k not in skip}
         for key, value in shown.items():
             lines.append(f"  {key:<22} {value:>10}")
         if not shown:

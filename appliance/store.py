@@ -127,6 +127,18 @@ class Store:
                 pk="name",
                 if_not_exists=True,
             )
+            self.db["link_status"].create(
+                {
+                    "name": str,
+                    "transport": str,
+                    "protocol": str,
+                    "state": str,
+                    "last_error": str,
+                    "updated_at": float,
+                },
+                pk="name",
+                if_not_exists=True,
+            )
             self.db["streams"].create(
                 {
                     "device_id": str,
@@ -441,6 +453,28 @@ class Store:
             " updated_at = excluded.updated_at",
             (name, json.dumps(counters), time.time()),
         )
+
+    def save_link_status(
+        self,
+        name: str,
+        transport: str,
+        protocol: str,
+        state: str,
+        last_error: str | None,
+    ) -> None:
+        """Record a link's connection state and last error for ``status``."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO link_status (name, transport, protocol, state,"
+                " last_error, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, transport, protocol, state, last_error, time.time()),
+            )
+
+    def all_link_status(self) -> dict[str, dict[str, Any]]:
+        rows = self.query("SELECT * FROM link_status ORDER BY name")
+        return {
+            row["name"]: {k: row[k] for k in row.keys() if k != "name"} for row in rows
+        }
 
     def all_link_counters(self) -> dict[str, dict[str, int]]:
         rows = self.query("SELECT name, counters FROM links ORDER BY name")

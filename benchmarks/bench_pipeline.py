@@ -1,18 +1,24 @@
 """Benchmark inference and the pipeline on a fixed slice of the BGL sample.
 
-Measures, on the machine it runs on and in one run, over the same lines:
-- a naive baseline: a fresh prompt per record (no prefix reuse) constrained by
+Measures, on the machine it runs on and in one run, over the same lines and
+for each model given with --model:
+- naive: a fresh prompt per record (no prefix reuse) constrained by
   llama-cpp-python's stock JSON-schema grammar;
 - unconstrained generation (no grammar) with llama-cpp-python's prefix reuse;
-- the appliance's path: schema decoder with forced tokens and a kept prefix,
-  with 1 and 2 threads;
+- gbnf: the appliance's own GBNF grammar in llama.cpp's grammar sampler, with
+  prefix reuse (not run by default);
+- schema: the appliance's path, the schema decoder with forced tokens and a
+  kept prefix, at every thread count given with --threads;
 - end-to-end records/s of `appliance replay` (model load included) and that
   process's peak RSS.
 
 Each row gives records/s, milliseconds per output token, the share of time
-spent on output constraints outside llama.cpp, and how many outputs parsed and
-validated. Results are appended to the output file (docs/benchmarks.md) with
-the command, machine and date. Run with `make bench`.
+spent outside llama.cpp's forward passes (from llama.cpp's own counters), the
+share spent on output constraints, and how many outputs parsed and validated.
+Per model, a summary line compares constraint work with the forward pass per
+sampling step and flags the model when constraint work takes more than half
+of each step. Results are appended to the output file (docs/benchmarks.md)
+with the command, machine and date. Run with `make bench`.
 """
 
 from __future__ import annotations
@@ -21,25 +27,32 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from machine import command_line, machine_description
 
 from appliance.decoding import plan_from_schema
 from appliance.errors import InvalidOutputError
 from appliance.grammar import schema_to_gbnf
 from appliance.grammar_check import check_grammar
-from appliance.inference import LlamaEngine, OutputSpec, SamplingParams
+from appliance.inference import LlamaEngine, OutputSpec, SamplingParams, load_engine
 from appliance.log_event import SCHEMA_ID, log_event_schema
-from appliance.models import load_manifest, resolve_model_path
+from appliance.models import DEFAULT_MODEL, ModelSelection, select_model
 from appliance.prompts import build_messages
 from appliance.workflow import parse_log_event
 from firmware_bridge.simulator import load_sample_lines
+
+MODE_NAMES = ("naive", "unconstrained", "gbnf", "schema")
+DEFAULT_MODES = ("naive", "unconstrained", "schema")
+DOMINANT_SHARE = 0.5
+"""Share of a sampling step above which constraint work is flagged as dominant."""
 
 
 @dataclasses.dataclass
@@ -47,37 +60,86 @@ class ModeResult:
     """Totals of one inference mode over the slice."""
 
     name: str
+    kind: str
+    """One of ``MODE_NAMES``."""
     records: int = 0
     valid: int = 0
     seconds: float = 0.0
     output_tokens: int = 0
+    sampled_tokens: int = 0
+    """Output tokens chosen by a sampling step; the rest were forced."""
     constraint_seconds: float = 0.0
+    """Schema decoder only: time computing masks and choosing tokens."""
+    forward_seconds: float = 0.0
+    """Time in llama.cpp forward passes, from llama.cpp's performance counters."""
+    decode_seconds: float = 0.0
+    """The part of ``forward_seconds`` spent on single-token decode steps."""
+    decode_steps: int = 0
+
+    @property
+    def outside_share(self) -> float:
+        """Share of time outside llama.cpp's forward passes."""
+        return max(self.seconds - self.forward_seconds, 0.0) / self.seconds
+
+    def constraint_share(self) -> float | None:
+        """Share of time spent on the output constraint, None without one.
+
+        The schema decoder measures its own work. For llama.cpp's grammar
+        sampler, the time outside forward passes is an upper bound, because it
+        also contains llama-cpp-python's sampling and Python overhead.
+        """
+        if self.kind == "schema":
+            return self.constraint_seconds / self.seconds
+        if self.kind == "unconstrained":
+            return None
+        return self.outside_share
+
+    def outside_ms_per_token(self) -> float:
+        """Milliseconds outside forward passes per output token."""
+        outside = max(self.seconds - self.forward_seconds, 0.0)
+        return 1000 * outside / max(self.output_tokens, 1)
+
+    def step_costs(self, sampling_ms: float) -> tuple[float, float]:
+        """Return constraint and decode milliseconds per sampling step.
+
+        ``sampling_ms`` is the time outside forward passes that a step costs
+        without any constraint; it is subtracted for llama.cpp's grammar sampler.
+        """
+        if self.kind == "schema":
+            constraint = 1000 * self.constraint_seconds / max(self.sampled_tokens, 1)
+        else:
+            constraint = max(self.outside_ms_per_token() - sampling_ms, 0.0)
+        decode = 1000 * self.decode_seconds / max(self.decode_steps, 1)
+        return constraint, decode
 
     def row(self) -> str:
         per_token = 1000 * self.seconds / max(self.output_tokens, 1)
-        share = 100 * self.constraint_seconds / self.seconds if self.seconds else 0.0
+        share = self.constraint_share()
+        if share is None:
+            constraint = "none"
+        elif self.kind == "schema":
+            constraint = f"{100 * share:.1f} %"
+        else:
+            constraint = f"≤ {100 * share:.1f} %"
         return (
             f"| {self.name} | {self.records / self.seconds:.2f} | {per_token:.1f} | "
-            f"{self.output_tokens / self.records:.0f} | {share:.1f} % | "
+            f"{self.output_tokens / self.records:.0f} | "
+            f"{100 * self.outside_share:.1f} % | {constraint} | "
             f"{self.valid}/{self.records} |"
         )
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = os.getloadavg()[0]
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.platform()}, "
-        f"load average {load:.1f} at start"
-    )
+@dataclasses.dataclass
+class ModelRun:
+    """Every measurement of one model."""
+
+    selection: ModelSelection
+    load_seconds: float
+    vocabulary_size: int
+    vocabulary_seconds: float
+    modes: list[ModeResult]
+    pipeline: tuple[float, float, float] | None
+    """(records/s, wall seconds, peak RSS MiB) of `appliance replay`, if run."""
 
 
 def _is_valid(text: str) -> bool:
@@ -89,30 +151,41 @@ def _is_valid(text: str) -> bool:
 
 
 def _run_mode(
-    name: str, engine: LlamaEngine, lines: list[str], constraint, fresh_prompt: bool
+    name: str,
+    kind: str,
+    engine: LlamaEngine,
+    lines: list[str],
+    constraint: OutputSpec | str | None,
 ) -> ModeResult:
-    result = ModeResult(name)
+    result = ModeResult(name, kind)
     params = SamplingParams(max_tokens=320)
+    context = engine._llama._ctx.ctx
+    llama_cpp.llama_perf_context_reset(context)
     for line in lines:
-        if fresh_prompt:
+        if kind == "naive":
             engine._llama.reset()
         completion = engine.complete(build_messages(line), constraint, params)
         result.records += 1
         result.valid += _is_valid(completion.text)
         result.seconds += completion.duration
         result.output_tokens += completion.completion_tokens
+        result.sampled_tokens += completion.completion_tokens - completion.forced_tokens
         result.constraint_seconds += completion.constraint_seconds
+    counters = llama_cpp.llama_perf_context(context)
+    result.forward_seconds = (counters.t_p_eval_ms + counters.t_eval_ms) / 1000
+    result.decode_seconds = counters.t_eval_ms / 1000
+    result.decode_steps = counters.n_eval
     return result
 
 
-def _stock_grammar(schema: dict) -> str:
+def _stock_grammar(schema: dict[str, Any]) -> str:
     """Return the GBNF text that llama-cpp-python's own converter makes from ``schema``."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     return json_schema_to_gbnf(json.dumps(schema))
 
 
-def _pipeline(lines: list[str]) -> tuple[float, float, float]:
+def _pipeline(lines: list[str], model: str, threads: int) -> tuple[float, float, float]:
     """Return (records/s, wall seconds, peak RSS MiB) of `appliance replay`."""
     appliance = str(Path(sys.executable).with_name("appliance"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,16 +193,165 @@ def _pipeline(lines: list[str]) -> tuple[float, float, float]:
         sample.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         started = time.perf_counter()
         subprocess.run(
-            [appliance, "replay", str(sample), "--data-dir", str(Path(tmp) / "d")],
+            [
+                appliance,
+                "replay",
+                str(sample),
+                "--data-dir",
+                str(Path(tmp) / "d"),
+                "--model",
+                model,
+                "--threads",
+                str(threads),
+            ],
             check=True,
             capture_output=True,
         )
         wall = time.perf_counter() - started
+        # ru_maxrss of children is the largest of any child so far, and the
+        # replay process is by far the largest child of this script.
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return len(lines) / wall, wall, peak_kib / 1024
 
 
-def main() -> None:
+def _measure_model(
+    name: str, lines: list[str], modes: list[str], threads: list[int], pipeline: bool
+) -> ModelRun:
+    selection = select_model(name)
+    schema = log_event_schema()
+    gbnf = schema_to_gbnf(schema)
+    constraints: dict[str, OutputSpec | str | None] = {
+        "naive": _stock_grammar(schema),
+        "unconstrained": None,
+        "gbnf": gbnf,
+        "schema": OutputSpec(SCHEMA_ID, gbnf, plan_from_schema(schema)),
+    }
+    # A grammar llama.cpp cannot parse would crash this process in the sampler.
+    for kind in ("naive", "gbnf"):
+        if kind in modes:
+            check_grammar(str(constraints[kind]), selection.path)
+
+    results: list[ModeResult] = []
+    run: ModelRun | None = None
+    for index, count in enumerate(threads):
+        engine = load_engine(selection, count)
+        if run is None:
+            run = ModelRun(
+                selection,
+                engine.load_seconds,
+                engine.vocabulary_size,
+                engine.vocabulary_seconds,
+                results,
+                None,
+            )
+        # Every mode runs at the first thread count; the others add schema rows.
+        kinds = modes if index == 0 else [m for m in modes if m == "schema"]
+        unit = "thread" if count == 1 else "threads"
+        for kind in kinds:
+            label = _mode_label(kind)
+            results.append(
+                _run_mode(
+                    f"{label}, {count} {unit}", kind, engine, lines, constraints[kind]
+                )
+            )
+        engine.close()
+    assert run is not None
+    if pipeline:
+        run.pipeline = _pipeline(lines, name, threads[-1])
+    return run
+
+
+def _mode_label(kind: str) -> str:
+    return {
+        "naive": "naive: fresh prompt, stock grammar",
+        "unconstrained": "unconstrained, prefix reuse",
+        "gbnf": "appliance GBNF grammar, prefix reuse",
+        "schema": "schema decoder, kept prefix",
+    }[kind]
+
+
+def _verdict(run: ModelRun) -> str:
+    """Return one line comparing constraint work with the forward pass per step."""
+    parts = []
+    dominant = []
+    # Without an unconstrained row, llama.cpp's grammar sampler is charged with
+    # all time outside forward passes, an upper bound.
+    reference = [mode for mode in run.modes if mode.kind == "unconstrained"]
+    sampling_ms = reference[0].outside_ms_per_token() if reference else 0.0
+    for mode in run.modes:
+        if mode.constraint_share() is None:
+            continue
+        constraint_ms, decode_ms = mode.step_costs(sampling_ms)
+        share = constraint_ms / (constraint_ms + decode_ms) if decode_ms else 0.0
+        bound = "" if mode.kind == "schema" or reference else "≤ "
+        parts.append(
+            f"{mode.name}: {bound}{constraint_ms:.1f} ms of constraint work against "
+            f"{decode_ms:.1f} ms of forward pass ({bound}{100 * share:.0f} %)"
+        )
+        if share > DOMINANT_SHARE:
+            dominant.append(mode.name)
+    name = run.selection.manifest.name if not run.selection.by_path else "model"
+    verdict = (
+        f"**constraint work dominates** in {', '.join(dominant)}"
+        if dominant
+        else "constraint work does not dominate in any mode"
+    )
+    net = (
+        f", net of the {sampling_ms:.1f} ms per token that unconstrained sampling "
+        "spends outside forward passes"
+        if reference
+        else ""
+    )
+    return (
+        f"Per sampling step for {name} (vocabulary {run.vocabulary_size:,} tokens"
+        f"{net}): " + "; ".join(parts) + f". Verdict: {verdict}."
+    )
+
+
+def _report(runs: list[ModelRun], lines: list[str]) -> str:
+    names = ", ".join(run.selection.manifest.name for run in runs)
+    report = [
+        f"## {datetime.date.today().isoformat()}: pipeline benchmark, {names}",
+        "",
+        f"- Command: `{command_line()}`",
+        f"- Machine: {machine_description()}",
+        f"- Input: the first {len(lines)} lines of BGL_2k.log without their label, "
+        "temperature 0, max_tokens 320.",
+        "- Times include prompt evaluation; the first record of each mode evaluates "
+        "the shared prefix. Time outside forward passes comes from llama.cpp's "
+        "performance counters; for llama.cpp's grammar sampler it bounds the "
+        "constraint share from above.",
+    ]
+    for run in runs:
+        report += [
+            "",
+            f"### {run.selection.manifest.name}",
+            "",
+            f"Model file {run.selection.path.name}, loaded in "
+            f"{run.load_seconds:.2f} s, of which {run.vocabulary_seconds:.2f} s "
+            f"built the schema decoder's table of {run.vocabulary_size:,} tokens.",
+            "",
+            "| mode | records/s | ms per output token | output tokens per record "
+            "| time outside forward passes | constraint share of time "
+            "| valid outputs |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *[mode.row() for mode in run.modes],
+            "",
+            _verdict(run),
+        ]
+        if run.pipeline is not None:
+            rate, wall, rss = run.pipeline
+            report += [
+                "",
+                f"End to end, `appliance replay` of the same {len(lines)} lines: "
+                f"{rate:.2f} records/s ({wall:.1f} s wall, model load included), "
+                f"peak RSS {rss:.0f} MiB.",
+            ]
+    report.append("")
+    return "\n".join(report)
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--lines", type=int, default=30, help="sample lines in the slice"
@@ -137,78 +359,51 @@ def main() -> None:
     parser.add_argument(
         "--output", type=Path, help="markdown file to append results to"
     )
-    args = parser.parse_args()
-
-    lines = load_sample_lines()[: args.lines]
-    manifest = load_manifest()
-    model_path = resolve_model_path(None, manifest)
-    schema = log_event_schema()
-    ours = OutputSpec(SCHEMA_ID, schema_to_gbnf(schema), plan_from_schema(schema))
-
-    stock = _stock_grammar(schema)
-    # A grammar llama.cpp cannot parse would crash this process in the sampler.
-    check_grammar(stock, model_path)
-    engine = LlamaEngine(model_path, n_ctx=manifest.context_size, n_threads=2)
-    load_seconds = engine.load_seconds
-    modes = [
-        _run_mode(
-            "naive: fresh prompt, stock grammar, 2 threads",
-            engine,
-            lines,
-            stock,
-            fresh_prompt=True,
-        ),
-        _run_mode(
-            "unconstrained, prefix reuse, 2 threads",
-            engine,
-            lines,
-            None,
-            fresh_prompt=False,
-        ),
-        _run_mode(
-            "schema decoder, kept prefix, 2 threads",
-            engine,
-            lines,
-            ours,
-            fresh_prompt=False,
-        ),
-    ]
-    engine.close()
-    engine = LlamaEngine(model_path, n_ctx=manifest.context_size, n_threads=1)
-    modes.append(
-        _run_mode(
-            "schema decoder, kept prefix, 1 thread",
-            engine,
-            lines,
-            ours,
-            fresh_prompt=False,
-        )
+    parser.add_argument(
+        "--model",
+        action="append",
+        help=f"model manifest name; repeat for several [default: {DEFAULT_MODEL}]",
     )
-    engine.close()
-    rate, wall, rss = _pipeline(lines)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        action="append",
+        help="llama.cpp threads; every mode runs at the first value, and the "
+        "schema decoder also at each further value [default: 2, then 1]",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated modes out of {', '.join(MODE_NAMES)} "
+        "[default: %(default)s]",
+    )
+    parser.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="skip the end-to-end `appliance replay` run",
+    )
+    args = parser.parse_args()
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = sorted(set(args.modes) - set(MODE_NAMES))
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown modes {unknown!r}; choose from {MODE_NAMES}")
+    return args
 
-    report = [
-        f"## {datetime.date.today().isoformat()}: `make bench`",
-        "",
-        f"- Command: `{' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
-        f"- Machine: {_machine()}",
-        f"- Input: the first {len(lines)} lines of BGL_2k.log without their label, "
-        f"temperature 0, max_tokens 320, model {model_path.name} "
-        f"(load {load_seconds:.2f} s)",
-        "- Times include prompt evaluation; the first record of each mode evaluates "
-        "the shared prefix.",
-        "",
-        "| mode | records/s | ms per output token | output tokens per record "
-        "| constraint share of time | valid outputs |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *[mode.row() for mode in modes],
-        "",
-        f"End to end, `appliance replay` of the same {len(lines)} lines: "
-        f"{rate:.2f} records/s ({wall:.1f} s wall, model load included), "
-        f"peak RSS {rss:.0f} MiB.",
-        "",
+
+def main() -> None:
+    args = _parse_args()
+    lines = load_sample_lines()[: args.lines]
+    runs = [
+        _measure_model(
+            name,
+            lines,
+            [mode for mode in MODE_NAMES if mode in args.modes],
+            args.threads or [2, 1],
+            pipeline=not args.no_pipeline,
+        )
+        for name in args.model or [DEFAULT_MODEL]
     ]
-    text = "\n".join(report)
+    text = _report(runs, lines)
     print(text)
     if args.output:
         with args.output.open("a", encoding="utf-8") as out:

@@ -157,6 +157,7 @@ class ApplianceEndpoint:
             the same name may be replaced, for example by the thread that owns
             the database connection.
         random: source of random bytes (os.urandom; tests pass a fixed one).
+        link: the link name, for log lines.
     """
 
     def __init__(
@@ -164,7 +165,9 @@ class ApplianceEndpoint:
         lookup_key: Callable[[bytes], bytes | None],
         next_number: Callable[[str, str], int] = lambda device, stream: 0,
         random: Callable[[int], bytes] = os.urandom,
+        link: str = "-",
     ) -> None:
+        self.link = link
         self.decoder = FrameDecoder()
         self.stats = ProtocolStats()
         self._lookup_key = lookup_key
@@ -239,7 +242,11 @@ class ApplianceEndpoint:
             return None
         if kind == MessageType.RESET:
             self.stats.resets_received += 1
-            logger.info("device %s reset its session", self.device_id or "unknown")
+            logger.info(
+                "link %s: device %s reset its session",
+                self.link,
+                self.device_id or "unknown",
+            )
             self._session = None
             return None
         if kind not in (MessageType.DATA, MessageType.PING):
@@ -247,7 +254,9 @@ class ApplianceEndpoint:
             return None
         if not frame.sealed:
             self.stats.plaintext_refused += 1
-            logger.warning("refused a plaintext %s frame", kind.name)
+            logger.warning(
+                "link %s: refused a plaintext %s frame", self.link, kind.name
+            )
             return None
         session = self._session
         if session is None or frame.key_id != session.key_id:
@@ -259,7 +268,11 @@ class ApplianceEndpoint:
             return None
         self._frames_in_session += 1
         if self._frames_in_session > HARD_FRAME_LIMIT:
-            logger.warning("session of device %s was never re-keyed", self.device_id)
+            logger.warning(
+                "link %s: session of device %s was never re-keyed",
+                self.link,
+                self.device_id,
+            )
             self._session = None
             self._reset(ResetReason.REKEY_REQUIRED, now, force=True)
             return None
@@ -273,13 +286,13 @@ class ApplianceEndpoint:
             session.opener.window.check(frame.seq)
         except AuthenticationError as exc:
             self.stats.replayed_frames += 1
-            logger.debug("frame dropped: %s", exc)
+            logger.debug("link %s: frame dropped: %s", self.link, exc)
             return None
         try:
             return session.opener.open(frame.seq, frame.header, frame.payload)
         except AuthenticationError as exc:
             self.stats.auth_failures += 1
-            logger.warning("device %s: %s", self.device_id, exc)
+            logger.warning("link %s: device %s: %s", self.link, self.device_id, exc)
             return None
 
     def _data(self, session: _Session, plaintext: bytes, now: float) -> Message | None:
@@ -329,8 +342,9 @@ class ApplianceEndpoint:
         if psk is None:
             self.stats.unpaired_hellos += 1
             logger.warning(
-                "refused device %s: it is not paired with this appliance; run "
+                "link %s: refused device %s: it is not paired with this appliance; run "
                 "`appliance pair NAME --export FILE` and load FILE onto the device",
+                self.link,
                 device_id.hex(),
             )
             self._reset(ResetReason.UNPAIRED, now, force=True)
@@ -339,7 +353,7 @@ class ApplianceEndpoint:
             crypto.check_hello_tag(psk, frame.header, fields, tag)
         except AuthenticationError as exc:
             self.stats.auth_failures += 1
-            logger.warning("device %s: %s", device_id.hex(), exc)
+            logger.warning("link %s: device %s: %s", self.link, device_id.hex(), exc)
             return
         same_stream = (device_id.hex(), stream_id.hex()) == (
             self.device_id,
@@ -374,7 +388,8 @@ class ApplianceEndpoint:
         )
         self._out += encode_frame(header, appliance_random + confirm)
         logger.info(
-            "device %s stream %s: session %d established, next message %d",
+            "link %s: device %s stream %s: session %d established, next message %d",
+            self.link,
             self.device_id,
             self.stream_id,
             session.key_id,

@@ -13,8 +13,10 @@ import grp
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import serial
+from serial.tools import list_ports
 
 from firmware_bridge.counters import LinkCounters
 from firmware_bridge.errors import PortError, PortNotFoundError, PortPermissionError
@@ -31,7 +33,9 @@ WRITE_TIMEOUT = 1.0
 """Seconds a write may block on a device that stopped reading."""
 
 
-def open_port(url: str, baudrate: int, read_timeout: float) -> serial.SerialBase:
+def open_port(
+    url: str, baudrate: int, read_timeout: float, rtscts: bool = False
+) -> serial.SerialBase:
     """Open ``url`` with pyserial, translating its errors into ``PortError``.
 
     Raises:
@@ -41,10 +45,48 @@ def open_port(url: str, baudrate: int, read_timeout: float) -> serial.SerialBase
     """
     try:
         return serial.serial_for_url(
-            url, baudrate=baudrate, timeout=read_timeout, write_timeout=WRITE_TIMEOUT
+            url,
+            baudrate=baudrate,
+            timeout=read_timeout,
+            write_timeout=WRITE_TIMEOUT,
+            rtscts=rtscts,
         )
     except (serial.SerialException, OSError, ValueError) as exc:
         raise _port_error(url, exc) from exc
+
+
+def usb_port_resolver(
+    vid: int, pid: int, serial_number: str | None = None
+) -> Callable[[], str]:
+    """Return a function that finds a USB serial adapter's current device path.
+
+    The kernel may give a re-plugged adapter another name (ttyUSB0 becoming
+    ttyUSB1); the vendor id, product id and serial number stay the same, so
+    the link looks them up in pyserial's port listing before every open.
+    """
+    wanted = f"USB {vid:04x}:{pid:04x}" + (
+        f" serial {serial_number!r}" if serial_number else ""
+    )
+
+    def resolve() -> str:
+        seen = []
+        for port in list_ports.comports():
+            if port.vid is None:
+                continue
+            seen.append(f"{port.device} ({port.vid:04x}:{port.pid:04x})")
+            if (port.vid, port.pid) == (vid, pid) and (
+                serial_number is None or port.serial_number == serial_number
+            ):
+                return str(port.device)
+        raise PortNotFoundError(
+            f"no serial adapter matches {wanted}; USB serial ports present: "
+            f"{', '.join(seen) or 'none'}. Plug the adapter in or correct vid, pid "
+            "and serial_number (`appliance scan` lists them)",
+            wanted,
+        )
+
+    resolve.__name__ = wanted
+    return resolve
 
 
 def _port_error(url: str, exc: BaseException) -> PortError:
@@ -95,26 +137,33 @@ class SerialLink(Link):
 
     Args:
         name: the link name used in records and logs.
-        url: any port pyserial accepts.
+        url: any port pyserial accepts, or a function returning one before
+            each open (``usb_port_resolver``), so a re-enumerated adapter is
+            found under its new name.
         ring: the buffer the reader writes into.
         counters: the link's counters, updated in place.
         baudrate: line speed in bit/s; ignored by ptys and sockets.
         read_timeout: seconds a single read waits for the first byte.
         max_backoff: cap, in seconds, on the delay between reopen attempts.
+        rtscts: RTS/CTS hardware flow control, so a full ring buffer (block
+            policy) stops the device at the UART instead of losing bytes.
     """
 
     def __init__(
         self,
         name: str,
-        url: str,
+        url: str | Callable[[], str],
         ring: RingBuffer,
         counters: LinkCounters,
         baudrate: int = 115200,
         read_timeout: float = 0.1,
         max_backoff: float = 30.0,
+        rtscts: bool = False,
     ) -> None:
         self.name = name
-        self.url = url
+        self._resolve = url if callable(url) else None
+        self.url = url if isinstance(url, str) else ""
+        self.rtscts = rtscts
         self.ring = ring
         self.counters = counters
         self.baudrate = baudrate
@@ -130,7 +179,13 @@ class SerialLink(Link):
 
     def open(self) -> None:
         """Open the port now; raises ``PortError`` when it cannot be opened."""
-        self._port = open_port(self.url, self.baudrate, self.read_timeout)
+        self.state = LinkState.CONNECTING
+        try:
+            self._port = self._open_port()
+        except PortError as exc:
+            self.state = LinkState.CLOSED
+            self.last_error = str(exc)
+            raise
         self.state = LinkState.CONNECTED
         logger.info("link %s: opened %s at %d baud", self.name, self.url, self.baudrate)
 
@@ -140,6 +195,11 @@ class SerialLink(Link):
             target=self._run, name=f"link-{self.name}", daemon=True
         )
         self._thread.start()
+
+    def _open_port(self) -> serial.SerialBase:
+        if self._resolve is not None:
+            self.url = self._resolve()
+        return open_port(self.url, self.baudrate, self.read_timeout, self.rtscts)
 
     def write(self, data: bytes) -> bool:
         """Write ``data`` to the port; return False when the port is down.
@@ -177,12 +237,15 @@ class SerialLink(Link):
         self.state = LinkState.CLOSED
 
     def _close_port(self) -> None:
-        port, self._port = self._port, None
-        if port is not None:
-            try:
-                port.close()
-            except (serial.SerialException, OSError):
-                logger.debug("link %s: error closing port ignored", self.name)
+        # Under the write lock, so a write never runs on a port being closed
+        # (pyserial raises TypeError then, not SerialException).
+        with self._write_lock:
+            port, self._port = self._port, None
+            if port is not None:
+                try:
+                    port.close()
+                except (serial.SerialException, OSError):
+                    logger.debug("link %s: error closing port ignored", self.name)
 
     def _run(self) -> None:
         attempt = 0
@@ -221,7 +284,7 @@ class SerialLink(Link):
         if self._stop.wait(delay):
             return False
         try:
-            self._port = open_port(self.url, self.baudrate, self.read_timeout)
+            self._port = self._open_port()
         except PortError as exc:
             self.last_error = str(exc)
             logger.warning(

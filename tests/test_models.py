@@ -36,6 +36,7 @@ from appliance.models import (
     load_manifest,
     model_file_path,
     resolve_model_path,
+    select_model,
 )
 from tests.conftest import APPLIANCE
 
@@ -275,6 +276,52 @@ def test_resolve_explicit_model_skips_manifest(tmp_path: Path) -> None:
     model = tmp_path / "mine.gguf"
     model.write_bytes(b"GGUF")
     assert resolve_model_path(str(model), load_manifest()) == model
+
+
+def test_select_model_default() -> None:
+    selection = select_model(None)
+    assert selection.manifest.name == DEFAULT_MODEL
+    assert not selection.by_path
+    assert selection.sha256 == selection.manifest.sha256
+
+
+def test_select_model_by_manifest_name(tmp_path: Path) -> None:
+    model = tmp_path / "base.gguf"
+    model.write_bytes(b"GGUF")
+    _path_manifest(tmp_path, "base", model, b"GGUF", chat_template="gemma")
+    selection = select_model("base", manifest_dir=tmp_path)
+    assert selection.manifest.name == "base"
+    assert selection.path == model
+    assert selection.chat_template == "gemma"
+    assert selection.sha256 == _sha256(b"GGUF")
+
+
+def test_select_model_file_drops_manifest_identity(tmp_path: Path) -> None:
+    model = tmp_path / "mine.gguf"
+    model.write_bytes(b"GGUF")
+    selection = select_model(str(model))
+    assert selection.by_path
+    assert selection.path == model
+    assert selection.manifest.name == DEFAULT_MODEL
+    assert selection.sha256 is None
+    assert selection.chat_template is None
+
+
+def test_select_model_unknown_name_gives_fix() -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        select_model("no-such-model")
+    assert "no-such-model" in str(caught.value)
+    assert "appliance models list" in str(caught.value)
+
+
+def test_manifest_unknown_chat_template_rejected(tmp_path: Path) -> None:
+    source = {"kind": "path", "path": "m.gguf"}
+    fields = {"source": source, "sha256": "0" * 64, "chat_template": "vicuna"}
+    _write_manifest(tmp_path, "odd", fields)
+    with pytest.raises(ModelManifestError) as caught:
+        load_manifest("odd", tmp_path)
+    assert caught.value.field == "chat_template"
+    assert "'gemma'" in str(caught.value)
 
 
 # Verification
