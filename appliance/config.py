@@ -95,6 +95,11 @@ class LinkConfig(_Section):
         Protocol.FRAMED,
         description="framed (sealed, acknowledged) or lines (legacy text); never guessed.",
     )
+    kind: Literal["log_event", "json"] = Field(
+        "log_event",
+        description="What each message holds: log_event (free text the model "
+        "triages) or json (an object that is validated, not inferred).",
+    )
     port: str | None = Field(None, description="Serial port path or pyserial URL.")
     usb: UsbMatch | None = Field(
         None, description="Find the serial adapter by USB identity instead of path."

@@ -55,6 +55,8 @@ class FrameIntake(threading.Thread):
         max_records: stop after this many records (None: run until stopped);
             messages past the limit are left unacknowledged with the device.
         max_pending: unfinished records above which intake waits.
+        kind: what each message holds: free text for the model, or a JSON
+            object that skips it.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class FrameIntake(threading.Thread):
         work_ready: threading.Event,
         max_records: int | None = None,
         max_pending: int = 10_000,
+        kind: RecordKind = RecordKind.LOG_EVENT,
     ) -> None:
         super().__init__(name=f"intake-{link}", daemon=True)
         self.link = link
@@ -79,6 +82,7 @@ class FrameIntake(threading.Thread):
         self.work_ready = work_ready
         self.max_records = max_records
         self.max_pending = max_pending
+        self.kind = kind
         self.received = 0
         self.stop_event = threading.Event()
         self.done = threading.Event()
@@ -180,7 +184,7 @@ class FrameIntake(threading.Thread):
                         seq,
                         raw,
                         message.body,
-                        RecordKind.LOG_EVENT,
+                        self.kind,
                         "decode_error" if "\ufffd" in raw else "",
                     )
                     if record_id is None:

@@ -37,6 +37,8 @@ class LineIntake(threading.Thread):
         work_ready: set after each commit to wake the workflow.
         max_records: stop after this many records (None: run until stopped).
         max_pending: unfinished records above which intake waits.
+        kind: what each message holds: free text for the model, or a JSON
+            object that skips it.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class LineIntake(threading.Thread):
         work_ready: threading.Event,
         max_records: int | None = None,
         max_pending: int = 10_000,
+        kind: RecordKind = RecordKind.LOG_EVENT,
     ) -> None:
         super().__init__(name=f"intake-{link}", daemon=True)
         self.link = link
@@ -58,6 +61,7 @@ class LineIntake(threading.Thread):
         self.work_ready = work_ready
         self.max_records = max_records
         self.max_pending = max_pending
+        self.kind = kind
         self.received = 0
         self.stop_event = threading.Event()
         self.done = threading.Event()
@@ -150,7 +154,7 @@ class LineIntake(threading.Thread):
                         seq,
                         line.text,
                         line.data,
-                        RecordKind.LOG_EVENT,
+                        self.kind,
                         flags,
                     )
                     if record_id is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from appliance.config import LinkConfig, Protocol, Transport
 from appliance.frame_intake import FrameIntake, link_counts
 from appliance.intake import LineIntake
+from appliance.states import RecordKind
 from appliance.store import Store
 from firmware_bridge.counters import LinkCounters
 from firmware_bridge.errors import PairingError
@@ -156,6 +157,7 @@ def open_link(
             work_ready,
             max_records=max_records,
             max_pending=max_pending,
+            kind=RecordKind(config.kind),
         )
         intake.load_counts(saved)
     else:
@@ -173,6 +175,7 @@ def open_link(
             work_ready,
             max_records=max_records,
             max_pending=max_pending,
+            kind=RecordKind(config.kind),
         )
     logger.info(
         "link %s: %s over %s",
