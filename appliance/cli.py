@@ -211,6 +211,7 @@ def run(
         max_records=max_records,
         max_pending=config.limits.max_pending,
         upload_url=upload_url or config.sync.url,
+        sync=config.sync,
         model=model or config.model.name,
         threads=threads or config.model.threads,
     )
@@ -368,7 +369,15 @@ def status(data_dir: Path, as_json: bool) -> None:
 @main.command()
 @_data_dir_option
 @click.option(
-    "--upload-url", required=True, help="HTTP endpoint that accepts NDJSON batches."
+    "--upload-url",
+    help="HTTP endpoint that accepts NDJSON batches; default: [sync] url of --config.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML configuration whose [sync] table sets the URL, token file, CA "
+    "bundle, batch sizes and rate limits.",
 )
 @click.option(
     "--once",
@@ -385,29 +394,43 @@ def status(data_dir: Path, as_json: bool) -> None:
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=200,
-    show_default=True,
-    help="Records per batch.",
+    help="Records per batch (default: [sync] batch_records, 200).",
 )
 @click.option("--no-gzip", is_flag=True, help="Send uncompressed bodies.")
 def sync(
     data_dir: Path,
-    upload_url: str,
+    upload_url: str | None,
+    config_path: Path | None,
     once: bool,
     timeout: float,
-    batch_size: int,
+    batch_size: int | None,
     no_gzip: bool,
 ) -> None:
     """Upload queued records as NDJSON batches with an Idempotency-Key each."""
-    from appliance.sync import Uploader
+    from appliance.config import load_config
+    from appliance.sync import make_uploader
 
     _setup_logging(False)
+    try:
+        config = load_config(config_path).sync
+    except ApplianceError as exc:
+        _fail(exc)
+    url = upload_url or config.url
+    if not url:
+        raise click.UsageError("pass --upload-url, or --config with a [sync] url")
     if not (data_dir / DB_NAME).exists():
         click.echo("nothing to upload: no database in the data directory")
         return
-    uploader = Uploader(
-        data_dir / DB_NAME, upload_url, batch_size=batch_size, compress=not no_gzip
-    )
+    try:
+        uploader = make_uploader(
+            data_dir / DB_NAME,
+            url,
+            config,
+            batch_size=batch_size,
+            compress=False if no_gzip else None,
+        )
+    except ApplianceError as exc:
+        _fail(exc)
     try:
         if once:
             result = uploader.sync(deadline=time.monotonic() + timeout)

@@ -163,6 +163,15 @@ class SyncConfig(_Section):
     max_backoff: float = Field(
         300.0, gt=0, le=86_400, description="Cap on the delay between retries, seconds."
     )
+    requests_per_minute: int = Field(
+        0, ge=0, le=1_000_000, description="Requests allowed per minute; 0: no limit."
+    )
+    bytes_per_minute: int = Field(
+        0,
+        ge=0,
+        le=10 * 2**30,
+        description="Compressed bytes sent per minute; 0: no limit.",
+    )
 
 
 class LimitsConfig(_Section):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from appliance.config import LinkConfig, Protocol
+from appliance.config import LinkConfig, Protocol, SyncConfig
 from appliance.decoding import plan_from_schema
 from appliance.errors import ApplianceError
 from appliance.grammar import schema_to_gbnf
@@ -29,10 +29,11 @@ from appliance.log_event import SCHEMA_ID, log_event_schema
 from appliance.models import select_model
 from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
-from appliance.sync import Uploader
+from appliance.sync import make_uploader
 from appliance.workflow import Worker, Workflow, inference_jobs, step_jobs
 from firmware_bridge.device_simulator import FramedDeviceSimulator
 from firmware_bridge.errors import PairingError
+from firmware_bridge.link import backoff_delay
 from firmware_bridge.pairing import STORE_DIR_NAME, PairingStore
 from firmware_bridge.simulator import LineDeviceSimulator, PtyPair, load_sample_lines
 
@@ -63,6 +64,8 @@ class RunOptions:
     """Unfinished records above which intake stops reading."""
     upload_url: str | None = None
     """Upload queued records here in the background."""
+    sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
+    """Token, TLS, batch and rate-limit settings of the upload."""
     model: str | None = None
     """Model manifest name or GGUF file; None uses the default model."""
     threads: int | None = None
@@ -339,9 +342,24 @@ class Daemon:
         return simulator, tempdir
 
     def _upload_loop(self, url: str) -> None:
-        uploader = Uploader(db_path(self.data_dir), url)
+        """Probe the sink; whenever it answers, drain the outbox in bulk."""
+        try:
+            uploader = make_uploader(db_path(self.data_dir), url, self.options.sync)
+        except ApplianceError as exc:
+            logger.error("background upload not started: %s", exc)
+            return
+        unreachable = 0
         try:
             while not self.stop_event.is_set():
+                if not uploader.probe():
+                    unreachable += 1
+                    if unreachable == 1:
+                        logger.info("sink %s unreachable; records stay queued", url)
+                    self.stop_event.wait(backoff_delay(unreachable, base=1.0, cap=60.0))
+                    continue
+                if unreachable:
+                    logger.info("sink %s reachable again; syncing", url)
+                    unreachable = 0
                 result = uploader.sync(deadline=None, stop=self.stop_event)
                 if result.last_error and result.batches == 0:
                     self.stop_event.wait(5.0)

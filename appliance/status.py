@@ -24,16 +24,18 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
             "data_dir": str(data_dir),
             "records": {str(s): 0 for s in RecordState},
             "links": {},
-            "outbox": {"queued": 0, "oldest_queued_age_s": None},
+            "outbox": {"queued": 0, "bytes": 0, "oldest_queued_age_s": None},
             "batches": {"delivered": 0, "open": 0},
         }
     store = Store(path, readonly=True)
     try:
         counts = store.state_counts()
-        oldest = store.query(
-            "SELECT MIN(received_at) AS t FROM records WHERE state = ?",
+        outbox = store.query(
+            "SELECT MIN(received_at) AS t, SUM(LENGTH(raw) + IFNULL(LENGTH(data), 0))"
+            " AS bytes FROM records WHERE state = ?",
             (str(RecordState.QUEUED),),
-        )[0]["t"]
+        )[0]
+        oldest = outbox["t"]
         batches = store.query(
             "SELECT SUM(delivered_at IS NOT NULL) AS delivered,"
             " SUM(delivered_at IS NULL) AS open FROM batches"
@@ -44,6 +46,7 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
             "links": _links(store),
             "outbox": {
                 "queued": counts[RecordState.QUEUED],
+                "bytes": int(outbox["bytes"] or 0),
                 "oldest_queued_age_s": round(time.time() - oldest, 1)
                 if oldest
                 else None,
@@ -53,6 +56,7 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
                 "open": int(batches["open"] or 0),
             },
             "answer_cache": answer_cache_stats(data_dir),
+            "sync": store.sync_state(),
         }
     finally:
         store.close()
@@ -93,6 +97,17 @@ def format_status(status: dict[str, Any]) -> str:
         f"outbox          {outbox['queued']} queued"
         + (f", oldest {age:.0f} s" if age is not None else "")
     )
+    sync = status.get("sync")
+    if sync:
+        last = sync["last_success_at"]
+        lines.append(
+            f"sync            {sync['batches']} batches, last success "
+            + (f"{time.time() - last:.0f} s ago" if last else "never")
+            + f", {sync['retries']} retries, {sync['rate_limit_wait_s']} s rate-limited,"
+            f" {sync['duplicates']} duplicates, {sync['rejected']} rejected"
+        )
+        if sync["last_error"]:
+            lines.append(f"  last error: {sync['last_error']}")
     cache = status.get("answer_cache")
     if cache:
         lines.append(

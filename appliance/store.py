@@ -127,6 +127,9 @@ class Store:
                 pk="name",
                 if_not_exists=True,
             )
+            self.db["sync_state"].create(
+                {"key": str, "value": str}, pk="key", if_not_exists=True
+            )
             self.db["link_status"].create(
                 {
                     "name": str,
@@ -453,6 +456,53 @@ class Store:
             " updated_at = excluded.updated_at",
             (name, json.dumps(counters), time.time()),
         )
+
+    SYNC_COUNTERS = (
+        "retries",
+        "rate_limit_wait_s",
+        "duplicates",
+        "rejected",
+        "batches",
+    )
+    """Numbers in ``sync_state`` that ``add_sync_counts`` adds to."""
+
+    @staticmethod
+    def add_sync_counts(conn: sqlite3.Connection, **counts: float) -> None:
+        """Add to the sync counters inside an open transaction."""
+        for key, value in counts.items():
+            if not value:
+                continue
+            conn.execute(
+                "INSERT INTO sync_state (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET value = CAST(value AS REAL) + excluded.value",
+                (key, value),
+            )
+
+    @staticmethod
+    def set_sync_state(conn: sqlite3.Connection, **values: object) -> None:
+        """Set sync facts (last success, last error) inside an open transaction."""
+        for key, value in values.items():
+            conn.execute(
+                "INSERT OR REPLACE INTO sync_state (key, value) VALUES (?, ?)",
+                (key, None if value is None else str(value)),
+            )
+
+    def sync_state(self) -> dict[str, Any]:
+        """Return the sync counters and facts; counters default to 0."""
+        state: dict[str, Any] = {key: 0 for key in self.SYNC_COUNTERS}
+        state |= {"last_success_at": None, "last_error": None, "last_error_at": None}
+        try:
+            rows = self.query("SELECT key, value FROM sync_state")
+        except StoreError:
+            return state  # a database from before sync state was kept
+        for row in rows:
+            value: Any = row["value"]
+            if row["key"] in self.SYNC_COUNTERS or row["key"].endswith("_at"):
+                value = float(value) if value is not None else None
+                if row["key"] in self.SYNC_COUNTERS and value is not None:
+                    value = round(value, 3) if value % 1 else int(value)
+            state[row["key"]] = value
+        return state
 
     def save_link_status(
         self,

@@ -4,8 +4,11 @@ Delivery rule: records leave the outbox in batches. A batch's id is assigned
 and committed to its records before the first POST and is sent as the
 ``Idempotency-Key`` header on every attempt, so a batch resent after a timeout
 or a crash carries the same key and the same records, and the server can
-de-duplicate it. Records are marked ``uploaded`` only after a 2xx response.
-Any other outcome leaves them queued in the same batch for the next attempt.
+de-duplicate it. Records are marked ``uploaded`` only after a 2xx response;
+a 2xx body may reject named records, which move to dead with the server's
+reason. Transient failures leave the batch queued for the next attempt; other
+4xx answers move its records to dead; 401 and 403 stop the run with the
+records still queued. docs/sync-protocol.md is the full contract.
 
 Body: NDJSON (``application/x-ndjson``), one record per line in the form that
 ``appliance records --format jsonl`` prints, optionally gzip-compressed with
@@ -29,7 +32,14 @@ from pathlib import Path
 
 import httpx
 
-from appliance.errors import PermanentUploadError, TransientUploadError, UploadError
+from appliance.config import SyncConfig
+from appliance.errors import (
+    PermanentUploadError,
+    SetupError,
+    TransientUploadError,
+    UploadError,
+)
+from appliance.rate_limit import SlidingWindowLimiter
 from appliance.states import RecordState
 from appliance.store import Store, record_to_json
 
@@ -69,6 +79,13 @@ class Uploader:
         compress: gzip the body.
         timeout: seconds allowed per HTTP request.
         max_backoff: cap, in seconds, on the delay between failed attempts.
+        token_file: file holding a bearer token; must not be readable by
+            group or others.
+        ca_bundle: CA certificates to verify TLS with, instead of the system's.
+        limiter: shared request and byte limits; None for no limit.
+
+    Raises:
+        SetupError: the token file is missing, empty or readable by others.
     """
 
     def __init__(
@@ -80,6 +97,9 @@ class Uploader:
         compress: bool = True,
         timeout: float = 30.0,
         max_backoff: float = 30.0,
+        token_file: Path | None = None,
+        ca_bundle: Path | None = None,
+        limiter: SlidingWindowLimiter | None = None,
     ) -> None:
         self.db_path = db_path
         self.url = url
@@ -88,7 +108,30 @@ class Uploader:
         self.compress = compress
         self.timeout = timeout
         self.max_backoff = max_backoff
-        self._client = httpx.Client(timeout=timeout)
+        self.limiter = limiter or SlidingWindowLimiter()
+        self._headers = {}
+        if token_file is not None:
+            self._headers["Authorization"] = f"Bearer {read_token(token_file)}"
+        verify: bool | str = str(ca_bundle) if ca_bundle is not None else True
+        if ca_bundle is not None and not ca_bundle.is_file():
+            raise SetupError(
+                f"CA bundle {str(ca_bundle)!r} not found; set [sync] ca_bundle to "
+                "a PEM file or remove it to use the system's certificates"
+            )
+        self._client = httpx.Client(timeout=timeout, verify=verify)
+
+    def probe(self, timeout: float = 5.0) -> bool:
+        """Return True when the sink answers at all (any HTTP status).
+
+        Probing the sink itself tells whether uploads can work; an interface
+        being up does not.
+        """
+        try:
+            self._client.head(self.url, headers=self._headers, timeout=timeout)
+        except httpx.HTTPError as exc:
+            logger.debug("sink %s unreachable: %s", self.url, exc)
+            return False
+        return True
 
     def close(self) -> None:
         self._client.close()
@@ -111,19 +154,25 @@ class Uploader:
                 if batch_id is None:
                     break
                 try:
-                    count = self._send(store, batch_id, deadline)
+                    count = self._send(store, batch_id, deadline, stop)
                 except PermanentUploadError as exc:
-                    # TODO: move the records of a batch rejected with a 4xx to
-                    # dead with the status. Until then the batch stays first in
-                    # line and blocks the outbox behind it.
                     result.failures += 1
                     result.last_error = str(exc)
-                    logger.error("batch %s rejected: %s", batch_id, exc)
-                    break
+                    if exc.status in (401, 403) or exc.status is None:
+                        # The configuration is at fault, not the records.
+                        logger.error("sync stopped: %s", exc)
+                        break
+                    if exc.status == 413:
+                        self._split(store, batch_id, str(exc))
+                        continue
+                    self._dead_batch(store, batch_id, str(exc))
+                    continue
                 except TransientUploadError as exc:
                     result.failures += 1
                     result.last_error = str(exc)
                     failures_in_row += 1
+                    with store.transaction() as conn:
+                        store.add_sync_counts(conn, retries=1)
                     wait = self._retry_wait(exc, failures_in_row)
                     if deadline is not None and time.monotonic() + wait > deadline:
                         logger.warning(
@@ -140,8 +189,9 @@ class Uploader:
                         time.sleep(wait)
                     continue
                 failures_in_row = 0
-                result.batches += 1
-                result.records += count
+                if count:
+                    result.batches += 1
+                    result.records += count
                 if deadline is not None and time.monotonic() > deadline:
                     break
             result.remaining = store.state_counts()[RecordState.QUEUED]
@@ -198,17 +248,31 @@ class Uploader:
             )
         return batch_id
 
-    def _send(self, store: Store, batch_id: str, deadline: float | None) -> int:
+    def _send(
+        self,
+        store: Store,
+        batch_id: str,
+        deadline: float | None,
+        stop: threading.Event | None = None,
+    ) -> int:
         rows = store.query(
             "SELECT * FROM records WHERE batch_id = ? AND state = ?"
             " ORDER BY received_at, link, seq",
             (batch_id, str(RecordState.QUEUED)),
         )
         body = b"".join(ndjson_line(row) for row in rows)
-        headers = {"Content-Type": "application/x-ndjson", "Idempotency-Key": batch_id}
+        headers = {
+            "Content-Type": "application/x-ndjson",
+            "Idempotency-Key": batch_id,
+            **self._headers,
+        }
         if self.compress:
             body = gzip.compress(body, mtime=0)
             headers["Content-Encoding"] = "gzip"
+        waited = self.limiter.acquire(len(body), stop)
+        if waited:
+            with store.transaction() as conn:
+                store.add_sync_counts(conn, rate_limit_wait_s=waited)
         started = time.perf_counter()
         status: int | None = None
         try:
@@ -236,6 +300,7 @@ class Uploader:
                 f"POST {self.url} failed: {type(exc).__name__}: {exc}", batch_id
             ) from exc
 
+        rejected, duplicates = parse_acceptance(response)
         now = time.time()
         with store.transaction() as conn:
             conn.execute(
@@ -244,7 +309,30 @@ class Uploader:
                 (status, now, batch_id),
             )
             ids = [row["id"] for row in rows]
+            refused = 0
             for record_id in ids:
+                if record_id in rejected:
+                    reason = f"rejected by the sink: {rejected[record_id]}"[:500]
+                    if store.move(
+                        conn,
+                        record_id,
+                        RecordState.QUEUED,
+                        RecordState.DEAD,
+                        error=reason,
+                    ):
+                        refused += 1
+                        store.add_event(
+                            conn,
+                            record_id,
+                            "upload",
+                            RecordState.QUEUED,
+                            RecordState.DEAD,
+                            1,
+                            time.perf_counter() - started,
+                            error=reason,
+                            detail={"batch_id": batch_id, "status": status},
+                        )
+                    continue
                 if store.move(
                     conn,
                     record_id,
@@ -262,15 +350,28 @@ class Uploader:
                         time.perf_counter() - started,
                         detail={"batch_id": batch_id, "status": status},
                     )
+            store.add_sync_counts(
+                conn,
+                batches=1,
+                duplicates=len(duplicates & set(ids)),
+                rejected=refused,
+            )
+            store.set_sync_state(conn, last_success_at=now)
+        if refused:
+            logger.warning(
+                "batch %s: the sink rejected %d records; they are dead",
+                batch_id,
+                refused,
+            )
         logger.info(
             "batch %s: %d records uploaded (HTTP %s, %d bytes, %.2f s)",
             batch_id,
-            len(rows),
+            len(rows) - refused,
             status,
             len(body),
             time.perf_counter() - started,
         )
-        return len(rows)
+        return len(rows) - refused
 
     def _check(self, response: httpx.Response, batch_id: str) -> None:
         status = response.status_code
@@ -285,8 +386,68 @@ class Uploader:
                 status,
                 parse_retry_after(response.headers.get("Retry-After")),
             )
-        raise PermanentUploadError(
-            message + "; the batch stays queued", batch_id, status
+        if status in (401, 403):
+            message += (
+                "; the sink refused the credentials: check [sync] token_file; "
+                "the records stay queued"
+            )
+        raise PermanentUploadError(message, batch_id, status)
+
+    def _dead_batch(self, store: Store, batch_id: str, reason: str) -> None:
+        """Move a batch the sink can never accept to dead, with the reason."""
+        moved = 0
+        with store.transaction() as conn:
+            rows = conn.execute(
+                "SELECT id FROM records WHERE batch_id = ? AND state = ?",
+                (batch_id, str(RecordState.QUEUED)),
+            ).fetchall()
+            for row in rows:
+                if store.move(
+                    conn,
+                    row["id"],
+                    RecordState.QUEUED,
+                    RecordState.DEAD,
+                    error=reason[:500],
+                ):
+                    moved += 1
+                    store.add_event(
+                        conn,
+                        row["id"],
+                        "upload",
+                        RecordState.QUEUED,
+                        RecordState.DEAD,
+                        1,
+                        0.0,
+                        error=reason[:500],
+                        detail={"batch_id": batch_id},
+                    )
+            store.add_sync_counts(conn, rejected=moved)
+        logger.error("batch %s: %d records moved to dead: %s", batch_id, moved, reason)
+
+    def _split(self, store: Store, batch_id: str, reason: str) -> None:
+        """Answer a 413: halve the batch size and release the batch to be re-cut.
+
+        A batch of one record that is still too large can never go, so it
+        moves to dead.
+        """
+        rows = store.query(
+            "SELECT id FROM records WHERE batch_id = ? AND state = ?",
+            (batch_id, str(RecordState.QUEUED)),
+        )
+        if len(rows) <= 1:
+            self._dead_batch(store, batch_id, reason)
+            return
+        self.batch_size = max(1, len(rows) // 2)
+        self.max_batch_bytes = max(1024, self.max_batch_bytes // 2)
+        with store.transaction() as conn:
+            conn.execute(
+                "UPDATE records SET batch_id = NULL WHERE batch_id = ? AND state = ?",
+                (batch_id, str(RecordState.QUEUED)),
+            )
+        logger.warning(
+            "batch %s too large for the sink; resending in batches of %d",
+            batch_id,
+            self.batch_size,
         )
 
     @staticmethod
@@ -299,6 +460,79 @@ class Uploader:
                 " last_error = ? WHERE id = ?",
                 (status, error[:500], batch_id),
             )
+            store.set_sync_state(
+                conn, last_error=error[:500], last_error_at=time.time()
+            )
+
+
+def make_uploader(
+    db_path: Path,
+    url: str,
+    config: SyncConfig,
+    batch_size: int | None = None,
+    compress: bool | None = None,
+) -> Uploader:
+    """Build an uploader from the ``[sync]`` configuration, with overrides."""
+    return Uploader(
+        db_path,
+        url,
+        batch_size=batch_size or config.batch_records,
+        max_batch_bytes=config.batch_bytes,
+        compress=config.gzip if compress is None else compress,
+        timeout=config.timeout,
+        max_backoff=config.max_backoff,
+        token_file=config.token_file,
+        ca_bundle=config.ca_bundle,
+        limiter=SlidingWindowLimiter(
+            config.requests_per_minute, config.bytes_per_minute
+        ),
+    )
+
+
+def read_token(path: Path) -> str:
+    """Return the bearer token in ``path``.
+
+    Raises:
+        SetupError: the file is missing, empty, or readable by group or others.
+    """
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SetupError(
+            f"token file {str(path)!r} cannot be read ({exc.strerror}); create it "
+            "with the bearer token on one line and mode 0600"
+        ) from exc
+    if mode & 0o077:
+        raise SetupError(
+            f"token file {str(path)!r} has mode {mode & 0o777:o}; other users could "
+            f"read the token: run chmod 600 {path}"
+        )
+    if not token:
+        raise SetupError(f"token file {str(path)!r} is empty; write the token into it")
+    return token
+
+
+def parse_acceptance(response: httpx.Response) -> tuple[dict[str, str], set[str]]:
+    """Return the records a 2xx body rejects (id to reason) and reports as duplicates.
+
+    Any body that is not the JSON object of docs/sync-protocol.md accepts the
+    whole batch.
+    """
+    if "json" not in response.headers.get("Content-Type", ""):
+        return {}, set()
+    try:
+        body = response.json()
+    except ValueError:
+        return {}, set()
+    if not isinstance(body, dict):
+        return {}, set()
+    rejected: dict[str, str] = {}
+    for item in body.get("rejected") or []:
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            rejected[item["id"]] = str(item.get("reason") or "no reason given")[:300]
+    duplicates = {d for d in body.get("duplicates") or [] if isinstance(d, str)}
+    return rejected, duplicates
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -36,6 +36,7 @@ class Reply:
     """Seconds to wait after reading the request before responding."""
     reset: bool = False
     """Close the connection with a TCP reset instead of sending a response."""
+    content_type: str = "text/plain; charset=utf-8"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +201,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(reply.status)
             if reply.retry_after is not None:
                 self.send_header("Retry-After", reply.retry_after)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(reply.body)))
             self.end_headers()
             self.wfile.write(reply.body)

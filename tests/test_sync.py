@@ -549,14 +549,14 @@ def test_sync_batch_size_splits_450_records(
     assert set(record_states(db_path).values()) == {"uploaded"}
 
 
-def test_sync_once_http_400_keeps_records_queued(
+def test_sync_once_http_400_moves_batch_to_dead(
     data_dir: Path, receiver: HttpReceiver
 ) -> None:
     db_path = data_dir / DB_NAME
-    record_ids = add_queued_records(db_path, 3)
+    add_queued_records(db_path, 3)
     receiver.add_replies(Reply(400, body=b"schema mismatch"))
 
-    rejected = run_cli(
+    result = run_cli(
         "sync",
         "--once",
         "--timeout",
@@ -567,18 +567,40 @@ def test_sync_once_http_400_keeps_records_queued(
         str(data_dir),
     )
 
-    assert rejected.returncode == 1
-    errors = error_lines(rejected.stderr)
-    assert len(errors) == 1
-    assert "HTTP 400" in errors[0]
-    assert "3 records still queued" in errors[0]
+    assert result.returncode == 0, result.stderr
     assert len(receiver.requests) == 1
-    assert set(record_states(db_path).values()) == {"queued"}
-    status = run_cli("status", "--json", "--data-dir", str(data_dir))
-    assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["batches"] == {"delivered": 0, "open": 1}
+    assert set(record_states(db_path).values()) == {"dead"}
+    store = Store(db_path, readonly=True)
+    try:
+        errors = {row["error"] for row in store.query("SELECT error FROM records")}
+    finally:
+        store.close()
+    assert len(errors) == 1
+    error = errors.pop()
+    assert "HTTP 400" in error
+    assert "schema mismatch" in error
 
-    # The rejected batch stays open, so the next run resends it under the same key.
+
+def test_sync_once_http_401_keeps_records_queued(
+    data_dir: Path, receiver: HttpReceiver
+) -> None:
+    db_path = data_dir / DB_NAME
+    record_ids = add_queued_records(db_path, 3)
+    receiver.add_replies(Reply(401, body=b"bad token"))
+
+    refused = run_cli(
+        "sync", "--once", "--upload-url", receiver.url, "--data-dir", str(data_dir)
+    )
+
+    assert refused.returncode == 1
+    errors = error_lines(refused.stderr)
+    assert len(errors) == 1
+    assert "HTTP 401" in errors[0]
+    assert "token_file" in errors[0]
+    assert "3 records still queued" in errors[0]
+    assert set(record_states(db_path).values()) == {"queued"}
+
+    # The batch stays open, so the next run resends it under the same key.
     accepted = run_cli(
         "sync", "--once", "--upload-url", receiver.url, "--data-dir", str(data_dir)
     )
