@@ -135,7 +135,7 @@ def test_missing_data_dir_reports_zero_records(tmp_path: Path) -> None:
     report = json.loads(status.stdout)
     assert set(report["records"].values()) == {0}
     assert len(report["records"]) == 6
-    assert report["outbox"] == {"queued": 0, "oldest_queued_age_s": None}
+    assert report["outbox"] == {"queued": 0, "bytes": 0, "oldest_queued_age_s": None}
     assert text_status.returncode == 0, text_status.stderr
     assert "0 queued" in text_status.stdout
     assert listing.returncode == 0, listing.stderr
