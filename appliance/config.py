@@ -149,6 +149,9 @@ class ModelConfig(_Section):
 
 
 class SyncConfig(_Section):
+    sink: Literal["http", "mqtt"] = Field(
+        "http", description="Where records go: the HTTP sink (url) or MQTT ([mqtt])."
+    )
     url: str | None = Field(None, description="HTTP sink URL; empty disables upload.")
     token_file: Path | None = Field(
         None, description="File holding the bearer token (mode 0600)."
@@ -171,6 +174,31 @@ class SyncConfig(_Section):
         ge=0,
         le=10 * 2**30,
         description="Compressed bytes sent per minute; 0: no limit.",
+    )
+
+
+class MqttConfig(_Section):
+    host: str | None = Field(None, description="Broker host; empty disables MQTT.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 for TLS).")
+    tls: bool = Field(False, description="Connect with TLS, verifying the broker.")
+    ca_bundle: Path | None = Field(None, description="CA bundle for the broker's TLS.")
+    username: str | None = Field(None, description="User name, if the broker needs one.")
+    password_file: Path | None = Field(
+        None, description="File holding the password (mode 0600)."
+    )
+    client_id: str = Field(
+        "field-relay", min_length=1, max_length=64, description="MQTT client id."
+    )
+    topic: str = Field(
+        "field-relay/{device_id}/records",
+        description="Topic template; {device_id} is the device or link, {link} the link.",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description="MQTT version; auto tries 5, then 3.1.1."
+    )
+    keepalive: int = Field(30, ge=5, le=3600, description="Keep-alive seconds.")
+    max_inflight: int = Field(
+        100, ge=1, le=65535, description="Messages published and not yet acknowledged."
     )
 
 
@@ -208,6 +236,7 @@ class Config(_Section):
     links: list[LinkConfig] = Field(default_factory=list, description="Device links.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
@@ -385,6 +414,7 @@ def reference_markdown() -> str:
         ("[links.ble]", BleMatch),
         ("[model]", ModelConfig),
         ("[sync]", SyncConfig),
+        ("[mqtt]", MqttConfig),
         ("[limits]", LimitsConfig),
         ("[telemetry]", TelemetryConfig),
     ]
