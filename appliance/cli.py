@@ -212,6 +212,7 @@ def run(
         max_pending=config.limits.max_pending,
         upload_url=upload_url or config.sync.url,
         sync=config.sync,
+        outbox=config.outbox,
         model=model or config.model.name,
         threads=threads or config.model.threads,
     )
@@ -477,12 +478,14 @@ def grammars_write() -> None:
 
 
 def _register_commands() -> None:
+    from appliance.cli_collector import collector_command
     from appliance.cli_config import config_group
     from appliance.cli_devices import DEVICE_COMMANDS
     from appliance.cli_eval import eval_command
     from appliance.cli_models import models_group
     from appliance.cli_scan import scan_command
 
+    main.add_command(collector_command)
     main.add_command(config_group)
     main.add_command(eval_command)
     main.add_command(models_group)

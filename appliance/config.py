@@ -182,7 +182,9 @@ class MqttConfig(_Section):
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 for TLS).")
     tls: bool = Field(False, description="Connect with TLS, verifying the broker.")
     ca_bundle: Path | None = Field(None, description="CA bundle for the broker's TLS.")
-    username: str | None = Field(None, description="User name, if the broker needs one.")
+    username: str | None = Field(
+        None, description="User name, if the broker needs one."
+    )
     password_file: Path | None = Field(
         None, description="File holding the password (mode 0600)."
     )
@@ -199,6 +201,31 @@ class MqttConfig(_Section):
     keepalive: int = Field(30, ge=5, le=3600, description="Keep-alive seconds.")
     max_inflight: int = Field(
         100, ge=1, le=65535, description="Messages published and not yet acknowledged."
+    )
+
+
+class OutboxConfig(_Section):
+    quota_bytes: int = Field(
+        0,
+        ge=0,
+        le=2**44,
+        description="Database bytes at which uploaded records are pruned early and, "
+        "if that is not enough, intake pauses; 0: no quota.",
+    )
+    retain_uploaded_s: float = Field(
+        7 * 86400.0,
+        ge=0,
+        description="Seconds uploaded records are kept before they are deleted; "
+        "0 keeps them for ever (within the quota).",
+    )
+    ttl_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds a queued record may wait before it moves to dead as "
+        "expired; 0: no limit.",
+    )
+    check_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds between outbox checks in the daemon."
     )
 
 
@@ -237,6 +264,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
@@ -415,6 +443,7 @@ def reference_markdown() -> str:
         ("[model]", ModelConfig),
         ("[sync]", SyncConfig),
         ("[mqtt]", MqttConfig),
+        ("[outbox]", OutboxConfig),
         ("[limits]", LimitsConfig),
         ("[telemetry]", TelemetryConfig),
     ]

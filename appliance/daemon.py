@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from appliance.config import LinkConfig, Protocol, SyncConfig
+from appliance.config import LinkConfig, OutboxConfig, Protocol, SyncConfig
 from appliance.decoding import plan_from_schema
 from appliance.errors import ApplianceError
 from appliance.grammar import schema_to_gbnf
@@ -27,6 +27,7 @@ from appliance.inference import CachedEngine, OutputSpec, SamplingParams, load_e
 from appliance.links import RunningLink, open_link, remove_tree
 from appliance.log_event import SCHEMA_ID, log_event_schema
 from appliance.models import select_model
+from appliance.outbox import OutboxPolicy, maintain
 from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
 from appliance.sync import make_uploader
@@ -66,6 +67,8 @@ class RunOptions:
     """Upload queued records here in the background."""
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
     """Token, TLS, batch and rate-limit settings of the upload."""
+    outbox: OutboxConfig = dataclasses.field(default_factory=OutboxConfig)
+    """Quota, retention and time-to-live of the outbox."""
     model: str | None = None
     """Model manifest name or GGUF file; None uses the default model."""
     threads: int | None = None
@@ -107,6 +110,13 @@ class Daemon:
         self.options = options
         self.stop_event = threading.Event()
         self.links: list[RunningLink] = []
+        self.outbox_full = threading.Event()
+        """Set while the outbox is over its quota; intake pauses."""
+        self.policy = OutboxPolicy(
+            options.outbox.quota_bytes,
+            options.outbox.retain_uploaded_s,
+            options.outbox.ttl_s,
+        )
 
     def request_stop(
         self, signum: int | None = None, _frame: FrameType | None = None
@@ -131,6 +141,7 @@ class Daemon:
         ]
         store = Store(db_path(self.data_dir))
         resumed = store.unfinished_count()
+        self._check_outbox(store)
         store.close()
         if resumed:
             logger.info("resuming %d unfinished records from an earlier run", resumed)
@@ -184,6 +195,7 @@ class Daemon:
             workflow.work_ready,
             self.options.max_records,
             self.options.max_pending,
+            hold=self.outbox_full,
         )
 
     def _stop_links(self) -> None:
@@ -195,7 +207,7 @@ class Daemon:
 
     def _supervise(self, workers: list[Worker]) -> int:
         store = Store(db_path(self.data_dir), readonly=True)
-        last_status = 0.0
+        last_status = last_outbox = time.monotonic()
         try:
             while not self.stop_event.wait(0.25):
                 intakes = [running.intake for running in self.links]
@@ -211,6 +223,13 @@ class Daemon:
                 if now - last_status >= STATUS_INTERVAL:
                     self._save_link_status()
                     last_status = now
+                if now - last_outbox >= self.options.outbox.check_interval_s:
+                    writer = Store(db_path(self.data_dir))
+                    try:
+                        self._check_outbox(writer)
+                    finally:
+                        writer.close()
+                    last_outbox = now
                 if (
                     intakes
                     and all(intake.done.is_set() for intake in intakes)
@@ -227,6 +246,19 @@ class Daemon:
             return 0
         finally:
             store.close()
+
+    def _check_outbox(self, store: Store) -> None:
+        """Apply the outbox rules and pause or resume intake accordingly."""
+        try:
+            report = maintain(store, self.policy)
+        except ApplianceError as exc:
+            logger.warning("outbox check failed: %s", exc)
+            return
+        if report.full:
+            self.outbox_full.set()
+        elif self.outbox_full.is_set():
+            logger.info("outbox below its quota again; intake resumes")
+            self.outbox_full.clear()
 
     def _save_link_status(self) -> None:
         if not self.links:

@@ -39,6 +39,7 @@ class LineIntake(threading.Thread):
         max_pending: unfinished records above which intake waits.
         kind: what each message holds: free text for the model, or a JSON
             object that skips it.
+        hold: while set, intake reads nothing (the outbox is full).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class LineIntake(threading.Thread):
         max_records: int | None = None,
         max_pending: int = 10_000,
         kind: RecordKind = RecordKind.LOG_EVENT,
+        hold: threading.Event | None = None,
     ) -> None:
         super().__init__(name=f"intake-{link}", daemon=True)
         self.link = link
@@ -62,6 +64,7 @@ class LineIntake(threading.Thread):
         self.max_records = max_records
         self.max_pending = max_pending
         self.kind = kind
+        self.hold = hold or threading.Event()
         self.received = 0
         self.stop_event = threading.Event()
         self.done = threading.Event()
@@ -85,7 +88,7 @@ class LineIntake(threading.Thread):
         seq = store.next_seq(self.link)
         last_save = time.monotonic()
         while not self.stop_event.is_set() and not self.done.is_set():
-            if store.unfinished_count() >= self.max_pending:
+            if self.hold.is_set() or store.unfinished_count() >= self.max_pending:
                 self.stop_event.wait(0.5)
                 continue
             data = self.ring.get(4096, timeout=0.2)

@@ -121,6 +121,7 @@ def open_link(
     work_ready: threading.Event,
     max_records: int | None,
     max_pending: int,
+    hold: threading.Event | None = None,
 ) -> RunningLink:
     """Open one link's transport and build its intake; nothing runs until ``start``.
 
@@ -158,6 +159,7 @@ def open_link(
             max_records=max_records,
             max_pending=max_pending,
             kind=RecordKind(config.kind),
+            hold=hold,
         )
         intake.load_counts(saved)
     else:
@@ -176,6 +178,7 @@ def open_link(
             max_records=max_records,
             max_pending=max_pending,
             kind=RecordKind(config.kind),
+            hold=hold,
         )
     logger.info(
         "link %s: %s over %s",

@@ -30,6 +30,7 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
     store = Store(path, readonly=True)
     try:
         counts = store.state_counts()
+        sync = store.sync_state()
         outbox = store.query(
             "SELECT MIN(received_at) AS t, SUM(LENGTH(raw) + IFNULL(LENGTH(data), 0))"
             " AS bytes FROM records WHERE state = ?",
@@ -47,6 +48,9 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
             "outbox": {
                 "queued": counts[RecordState.QUEUED],
                 "bytes": int(outbox["bytes"] or 0),
+                "full": bool(int(sync.get("outbox_full") or 0)),
+                "used_bytes": _int(sync.get("outbox_used_bytes")),
+                "quota_bytes": _int(sync.get("outbox_quota_bytes")),
                 "oldest_queued_age_s": round(time.time() - oldest, 1)
                 if oldest
                 else None,
@@ -56,10 +60,14 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
                 "open": int(batches["open"] or 0),
             },
             "answer_cache": answer_cache_stats(data_dir),
-            "sync": store.sync_state(),
+            "sync": {k: v for k, v in sync.items() if not k.startswith("outbox_")},
         }
     finally:
         store.close()
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(float(value))
 
 
 def _links(store: Store) -> dict[str, dict[str, Any]]:
@@ -96,6 +104,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(
         f"outbox          {outbox['queued']} queued"
         + (f", oldest {age:.0f} s" if age is not None else "")
+        + (" — FULL: intake paused" if outbox.get("full") else "")
     )
     sync = status.get("sync")
     if sync:
