@@ -16,7 +16,7 @@ ifeq ($(shell uname -m),x86_64)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 endif
 
-.PHONY: run test test-slow bench soak lint grammars clean gemma fuzz
+.PHONY: run test test-slow bench soak soak-links lint grammars clean gemma fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: $(STAMP)
 # (default 10,000, which takes hours at 1 thread on 2 cores).
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py --output docs/benchmarks.md
+
+# Three faulty links (serial unplug, USB re-enumeration, BLE disconnects and an
+# adapter power cycle) into one daemon for FIELD_RELAY_LINK_SOAK_SECONDS seconds
+# (default 600), checked for exactly-once delivery and flat memory.
+soak-links: $(STAMP)
+	$(BIN)/python -m pytest -m slow -s tests/test_link_soak.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

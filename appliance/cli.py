@@ -56,8 +56,9 @@ def _fail(exc: Exception) -> None:
 @click.group()
 @click.version_option(package_name="field-relay")
 def main() -> None:
-    """Field Relay appliance: read device lines, triage them with a local model,
-    store them durably and upload them when a network is present."""
+    """Field Relay appliance: read device messages over serial or BLE links,
+    triage them with a local model, store them durably and upload them when a
+    network is present."""
 
 
 @main.command()
@@ -212,6 +213,7 @@ def run(
         max_pending=config.limits.max_pending,
         upload_url=upload_url or config.sync.url,
         sync=config.sync,
+        mqtt=config.mqtt,
         outbox=config.outbox,
         model=model or config.model.name,
         threads=threads or config.model.threads,
@@ -294,6 +296,12 @@ def records(data_dir: Path, fmt: str, state: str | None, limit: int | None) -> N
         rows = store.list_records(state, limit) if store else []
     except ApplianceError as exc:
         _fail(exc)
+    if store is None:
+        click.echo(
+            f"note: no database in {str(data_dir)!r}; check --data-dir "
+            "(or FIELD_RELAY_DATA_DIR)",
+            err=True,
+        )
     if fmt == "jsonl":
         for row in rows:
             click.echo(json.dumps(record_to_json(row), ensure_ascii=False))
@@ -304,7 +312,8 @@ def records(data_dir: Path, fmt: str, state: str | None, limit: int | None) -> N
     for row in rows:
         data = json.loads(row["data"]) if row["data"] else {}
         text = data.get("summary") or row["error"] or row["raw"]
-        where = f"{row['link'][-10:]}#{row['seq']}"
+        link = row["link"] if len(row["link"]) <= 10 else row["link"][:9] + "…"
+        where = f"{link}#{row['seq']}"
         click.echo(
             f"{row['id'][:8]:<8}  {where:<16}  {row['state']:<9}  "
             f"{data.get('severity', ''):<8}  {text[:60]}"
@@ -360,6 +369,12 @@ def status(data_dir: Path, as_json: bool) -> None:
     """Show record counts per state, link counters and the outbox."""
     from appliance.status import collect_status, format_status
 
+    if not (data_dir / DB_NAME).exists():
+        click.echo(
+            f"note: no database in {str(data_dir)!r}; check --data-dir "
+            "(or FIELD_RELAY_DATA_DIR)",
+            err=True,
+        )
     try:
         result = collect_status(data_dir)
     except ApplianceError as exc:
@@ -377,8 +392,8 @@ def status(data_dir: Path, as_json: bool) -> None:
     "--config",
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML configuration whose [sync] table sets the URL, token file, CA "
-    "bundle, batch sizes and rate limits.",
+    help="TOML configuration whose [sync] table sets the sink (http or mqtt), "
+    "URL, token file, CA bundle, batch sizes and rate limits; [mqtt] sets the broker.",
 )
 @click.option(
     "--once",
@@ -407,26 +422,34 @@ def sync(
     batch_size: int | None,
     no_gzip: bool,
 ) -> None:
-    """Upload queued records as NDJSON batches with an Idempotency-Key each."""
+    """Upload queued records as NDJSON batches with an Idempotency-Key each, or
+    publish them to the MQTT broker when --config sets [sync] sink = "mqtt"."""
     from appliance.config import load_config
-    from appliance.sync import make_uploader
+    from appliance.mqtt_sink import make_sink
 
     _setup_logging(False)
     try:
-        config = load_config(config_path).sync
+        loaded = load_config(config_path)
     except ApplianceError as exc:
         _fail(exc)
+    config = loaded.sync
     url = upload_url or config.url
-    if not url:
+    if config.sink == "mqtt":
+        if upload_url:
+            raise click.UsageError(
+                '--upload-url sets an HTTP sink, but --config sets [sync] sink = "mqtt"'
+            )
+    elif not url:
         raise click.UsageError("pass --upload-url, or --config with a [sync] url")
     if not (data_dir / DB_NAME).exists():
         click.echo("nothing to upload: no database in the data directory")
         return
     try:
-        uploader = make_uploader(
+        uploader = make_sink(
             data_dir / DB_NAME,
-            url,
             config,
+            loaded.mqtt,
+            url=url,
             batch_size=batch_size,
             compress=False if no_gzip else None,
         )
@@ -480,15 +503,19 @@ def grammars_write() -> None:
 def _register_commands() -> None:
     from appliance.cli_collector import collector_command
     from appliance.cli_config import config_group
+    from appliance.cli_control import control_command
     from appliance.cli_devices import DEVICE_COMMANDS
     from appliance.cli_eval import eval_command
     from appliance.cli_models import models_group
+    from appliance.cli_retry import retry_command
     from appliance.cli_scan import scan_command
 
     main.add_command(collector_command)
     main.add_command(config_group)
+    main.add_command(control_command)
     main.add_command(eval_command)
     main.add_command(models_group)
+    main.add_command(retry_command)
     main.add_command(scan_command)
     for command in DEVICE_COMMANDS:
         main.add_command(command)

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from appliance.config import LinkConfig, OutboxConfig, Protocol, SyncConfig
+from appliance.cli_scan import ble_devices, serial_ports
+from appliance.config import LinkConfig, MqttConfig, OutboxConfig, Protocol, SyncConfig
+from appliance.control import ControlServer
 from appliance.decoding import plan_from_schema
 from appliance.errors import ApplianceError
 from appliance.grammar import schema_to_gbnf
@@ -27,10 +32,12 @@ from appliance.inference import CachedEngine, OutputSpec, SamplingParams, load_e
 from appliance.links import RunningLink, open_link, remove_tree
 from appliance.log_event import SCHEMA_ID, log_event_schema
 from appliance.models import select_model
+from appliance.mqtt_sink import make_sink
 from appliance.outbox import OutboxPolicy, maintain
+from appliance.retry import requeue_all_dead, requeue_dead
 from appliance.states import RecordState
+from appliance.status import collect_status
 from appliance.store import DB_NAME, Store
-from appliance.sync import make_uploader
 from appliance.workflow import Worker, Workflow, inference_jobs, step_jobs
 from firmware_bridge.device_simulator import FramedDeviceSimulator
 from firmware_bridge.errors import PairingError
@@ -67,6 +74,8 @@ class RunOptions:
     """Upload queued records here in the background."""
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
     """Token, TLS, batch and rate-limit settings of the upload."""
+    mqtt: MqttConfig = dataclasses.field(default_factory=MqttConfig)
+    """Broker, TLS, credentials and topic when ``sync.sink`` is ``"mqtt"``."""
     outbox: OutboxConfig = dataclasses.field(default_factory=OutboxConfig)
     """Quota, retention and time-to-live of the outbox."""
     model: str | None = None
@@ -112,6 +121,13 @@ class Daemon:
         self.links: list[RunningLink] = []
         self.outbox_full = threading.Event()
         """Set while the outbox is over its quota; intake pauses."""
+        self.sync_wake = threading.Event()
+        """Set to start a sync at once instead of at the next interval."""
+        self.sync_paused = threading.Event()
+        self._sync_interrupt = threading.Event()
+        """Set to end a running sync early: on stop and on pause."""
+        self.started_at = time.time()
+        self.model_name = ""
         self.policy = OutboxPolicy(
             options.outbox.quota_bytes,
             options.outbox.retain_uploaded_s,
@@ -135,6 +151,7 @@ class Daemon:
         Store(db_path(self.data_dir)).close()
         workflow = build_workflow(self.data_dir, opts.model, opts.threads)
         workflow.on_final = self._log_final
+        self._work_ready = workflow.work_ready
         workers = [
             Worker("inference", workflow, inference_jobs(workflow)),
             Worker("steps", workflow, step_jobs(workflow)),
@@ -155,8 +172,15 @@ class Daemon:
         except BaseException:
             self._stop_links()
             raise
+        self.model_name = workflow.engine.model_name
+        control = ControlServer(self.data_dir, self._control_handlers())
+        try:
+            control.start()
+        except ApplianceError:
+            self._stop_links()
+            raise
         uploader_thread = None
-        if opts.upload_url:
+        if opts.upload_url or opts.sync.sink == "mqtt":
             uploader_thread = threading.Thread(
                 target=self._upload_loop,
                 args=(opts.upload_url,),
@@ -176,6 +200,8 @@ class Daemon:
         try:
             code = self._supervise(workers)
         finally:
+            control.stop()
+            self._sync_interrupt.set()
             self._stop_links()
             for worker in workers:
                 worker.stop()
@@ -246,6 +272,146 @@ class Daemon:
             return 0
         finally:
             store.close()
+
+    def _idle(self, seconds: float) -> None:
+        """Wait between syncs; a stop or a sync-now request ends the wait."""
+        if self.sync_wake.wait(seconds):
+            self.sync_wake.clear()
+
+    def request_stop_sync(self) -> None:
+        self._sync_interrupt.set()
+        self.sync_wake.set()
+
+    def _control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """The commands of the control socket (docs/control.md)."""
+
+        def status(args: dict[str, Any]) -> dict[str, Any]:
+            result = collect_status(self.data_dir)
+            for running in self.links:
+                live = result["links"].setdefault(running.name, {})
+                live.update(running.counts())
+                live["state"] = str(running.link.state)
+                live["last_error"] = running.link.last_error
+                live["transport"] = running.config.transport.value
+                live["protocol"] = running.config.protocol.value
+                live["paused"] = bool(getattr(running.link, "paused", False))
+            result["daemon"] = {
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+                "model": self.model_name,
+                "upload_url": self.options.upload_url,
+                "sync_paused": self.sync_paused.is_set(),
+                "outbox_full": self.outbox_full.is_set(),
+            }
+            return result
+
+        def sync_now(args: dict[str, Any]) -> str:
+            if not self.options.upload_url:
+                raise ValueError(
+                    "no upload URL is configured; start the daemon with "
+                    "--upload-url or a [sync] url"
+                )
+            self.sync_paused.clear()
+            self._sync_interrupt.clear()
+            self.sync_wake.set()
+            return "sync started"
+
+        def sync_pause(args: dict[str, Any]) -> str:
+            self.sync_paused.set()
+            self._sync_interrupt.set()
+            return "sync paused"
+
+        def sync_resume(args: dict[str, Any]) -> str:
+            self.sync_paused.clear()
+            self._sync_interrupt.clear()
+            self.sync_wake.set()
+            return "sync resumed"
+
+        def link(args: dict[str, Any], pause: bool) -> str:
+            name = str(args["name"])
+            for running in self.links:
+                if running.name == name:
+                    action = getattr(running.link, "pause" if pause else "resume", None)
+                    if action is None:
+                        raise ValueError(f"link {name!r} cannot be paused")
+                    action()
+                    return f"link {name} {'disconnected' if pause else 'connected'}"
+            raise ValueError(
+                f"no link named {name!r}; links: {[r.name for r in self.links]}"
+            )
+
+        def retry(args: dict[str, Any]) -> str:
+            store = Store(db_path(self.data_dir))
+            try:
+                if args.get("all_dead"):
+                    moved = requeue_all_dead(store)
+                    message = f"{moved} dead records put back into the workflow"
+                else:
+                    full_id, state = requeue_dead(store, str(args["id"]))
+                    message = f"record {full_id} put back in state {state}"
+            finally:
+                store.close()
+            self.request_work()
+            return message
+
+        def devices(args: dict[str, Any]) -> list[dict[str, Any]]:
+            pairing = PairingStore(self.data_dir / STORE_DIR_NAME)
+            return [
+                {
+                    "device_id": key.device_id_hex,
+                    "name": key.name,
+                    "created_at": key.created_at.isoformat(),
+                }
+                for key in pairing.list()
+            ]
+
+        def pair(args: dict[str, Any]) -> dict[str, str]:
+            pairing = PairingStore(self.data_dir / STORE_DIR_NAME)
+            key = pairing.pair(str(args["name"]))
+            if args.get("export"):
+                pairing.export(key.device_id, Path(str(args["export"])))
+            return {"device_id": key.device_id_hex, "name": key.name}
+
+        def forget(args: dict[str, Any]) -> str:
+            pairing = PairingStore(self.data_dir / STORE_DIR_NAME)
+            key = pairing.forget(str(args["device"]))
+            return f"device {key.device_id_hex} ({key.name}) unpaired"
+
+        def scan(args: dict[str, Any]) -> dict[str, Any]:
+            result: dict[str, Any] = {
+                "serial": serial_ports(),
+                "ble": [],
+                "ble_error": None,
+            }
+            seconds = float(args.get("ble_seconds", 0))
+            if seconds > 0:
+                try:
+                    result["ble"] = ble_devices(seconds)
+                except RuntimeError as exc:
+                    result["ble_error"] = str(exc)
+            return result
+
+        return {
+            "ping": lambda args: {"pid": os.getpid(), "started_at": self.started_at},
+            "status": status,
+            "sync_now": sync_now,
+            "sync_pause": sync_pause,
+            "sync_resume": sync_resume,
+            "link_disconnect": lambda args: link(args, pause=True),
+            "link_connect": lambda args: link(args, pause=False),
+            "retry": retry,
+            "devices": devices,
+            "pair": pair,
+            "unpair": forget,
+            "scan": scan,
+        }
+
+    def request_work(self) -> None:
+        """Wake the workflow workers (after records were put back)."""
+        if self._work_ready is not None:
+            self._work_ready.set()
+
+    _work_ready: threading.Event | None = None
 
     def _check_outbox(self, store: Store) -> None:
         """Apply the outbox rules and pause or resume intake accordingly."""
@@ -373,10 +539,11 @@ class Daemon:
         )
         return simulator, tempdir
 
-    def _upload_loop(self, url: str) -> None:
+    def _upload_loop(self, url: str | None) -> None:
         """Probe the sink; whenever it answers, drain the outbox in bulk."""
+        opts = self.options
         try:
-            uploader = make_uploader(db_path(self.data_dir), url, self.options.sync)
+            uploader = make_sink(db_path(self.data_dir), opts.sync, opts.mqtt, url=url)
         except ApplianceError as exc:
             logger.error("background upload not started: %s", exc)
             return
@@ -386,17 +553,19 @@ class Daemon:
                 if not uploader.probe():
                     unreachable += 1
                     if unreachable == 1:
-                        logger.info("sink %s unreachable; records stay queued", url)
+                        logger.info(
+                            "sink %s unreachable; records stay queued", uploader.url
+                        )
                     self.stop_event.wait(backoff_delay(unreachable, base=1.0, cap=60.0))
                     continue
                 if unreachable:
-                    logger.info("sink %s reachable again; syncing", url)
+                    logger.info("sink %s reachable again; syncing", uploader.url)
                     unreachable = 0
-                result = uploader.sync(deadline=None, stop=self.stop_event)
-                if result.last_error and result.batches == 0:
-                    self.stop_event.wait(5.0)
-                else:
-                    self.stop_event.wait(1.0)
+                if self.sync_paused.is_set():
+                    self._idle(1.0)
+                    continue
+                result = uploader.sync(deadline=None, stop=self._sync_interrupt)
+                self._idle(5.0 if result.last_error and result.batches == 0 else 1.0)
         except ApplianceError:
             logger.exception("background upload stopped")
         finally:

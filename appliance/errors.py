@@ -12,6 +12,7 @@ can do::
     │   ├── ModelChecksumError      a model file differs from its manifest in size or SHA-256
     │   └── ModelLoadError          llama.cpp could not load the file
     ├── StoreError              SQLite failed (disk full, corrupt file)
+    ├── ControlError            the control socket cannot be reached or a command failed
     ├── GrammarError            a JSON schema uses a feature the generator rejects
     ├── InferenceError          one model call failed; retried by its policy
     │   └── InvalidOutputError      output did not parse or validate
@@ -35,6 +36,10 @@ class SetupError(ApplianceError):
 
 class ConfigError(SetupError):
     """The configuration file is missing, not TOML, or has invalid keys or values."""
+
+
+class ControlError(ApplianceError):
+    """The daemon's control socket is unreachable, or a command through it failed."""
 
 
 class DataDirError(SetupError):

@@ -23,6 +23,7 @@ from pathlib import Path
 from appliance.states import RecordKind
 from appliance.store import Store
 from firmware_bridge.counters import LinkCounters, add_counts
+from firmware_bridge.frames import MAX_ENCODED
 from firmware_bridge.protocol import ApplianceEndpoint, Message
 from firmware_bridge.ring_buffer import RingBuffer
 
@@ -91,6 +92,7 @@ class FrameIntake(threading.Thread):
         self.done = threading.Event()
         """Set once ``max_records`` records are committed."""
         self.error: BaseException | None = None
+        self._warned_no_frames = False
 
     def load_counts(self, saved: dict[str, int]) -> None:
         """Continue the counts an earlier run saved for this link."""
@@ -137,6 +139,8 @@ class FrameIntake(threading.Thread):
         """Feed bytes to the endpoint, commit its messages, send its replies."""
         endpoint = self.endpoint
         messages = endpoint.receive(data, now)
+        if not self._warned_no_frames:
+            self._check_for_text(endpoint)
         took = False
         while True:
             if messages:
@@ -148,6 +152,21 @@ class FrameIntake(threading.Thread):
             if not endpoint.pending or self.done.is_set():
                 return seq, took
             messages = endpoint.receive(b"", now)
+
+    def _check_for_text(self, endpoint: ApplianceEndpoint) -> None:
+        """Warn once when bytes arrive but none of them form a valid frame."""
+        stats = endpoint.decoder.stats
+        bad = stats.oversize_frames + stats.malformed_frames + stats.crc_errors
+        if stats.frames == 0 and bad and self.counters.bytes >= 2 * MAX_ENCODED:
+            self._warned_no_frames = True
+            logger.warning(
+                "link %s: %d bytes arrived but none forms a valid frame (%d bad); "
+                'if the device prints text lines, set protocol = "lines" for this '
+                "link (--protocol lines)",
+                self.link,
+                self.counters.bytes,
+                bad,
+            )
 
     def _take(self, store: Store, messages: list[Message], seq: int) -> int:
         endpoint = self.endpoint
@@ -177,6 +196,11 @@ class FrameIntake(threading.Thread):
                 ):
                     # Stored by an earlier run whose acknowledgement was lost.
                     self.endpoint.stats.duplicate_messages += 1
+                    continue
+                if not message.body.strip():
+                    # Nothing to triage; acknowledged and counted, as line mode
+                    # skips empty lines.
+                    self.counters.empty_lines += 1
                     continue
                 raw = message.body.decode("utf-8", errors="replace")
                 record_id = None

@@ -20,7 +20,6 @@ from appliance.intake import LineIntake
 from appliance.states import RecordKind
 from appliance.store import Store
 from firmware_bridge.counters import LinkCounters
-from firmware_bridge.errors import PairingError
 from firmware_bridge.lines import LineEnding, LineSplitter
 from firmware_bridge.link import Link
 from firmware_bridge.pairing import PairingStore
@@ -139,19 +138,10 @@ def open_link(
     if config.protocol == Protocol.FRAMED:
         pairing = PairingStore(data_dir / "devices")
 
-        def lookup(device_id: bytes) -> bytes | None:
-            try:
-                return pairing.lookup(device_id)
-            except PairingError as exc:
-                logger.error(
-                    "link %s: device %s rejected: %s", config.name, device_id.hex(), exc
-                )
-                return None
-
         intake = FrameIntake(
             config.name,
             ring,
-            ApplianceEndpoint(lookup, link=config.name),
+            ApplianceEndpoint(pairing.lookup, link=config.name),
             link.write,
             counters,
             db,

@@ -1,17 +1,17 @@
 """Replay of a text file through the workflow, as if its lines came over a link.
 
-The link is named ``replay:`` plus the file's absolute path, and each line's
-sequence number is its position among the file's delivered lines (the line
-framing rules of ``firmware_bridge.lines`` apply, so empty lines are skipped).
-Because ``(link, seq)`` is unique, replaying the same file again, for example
-after a crash, adds no duplicates and resumes the unfinished records.
+The link is named ``replay:`` plus the file's absolute path, and each record's
+sequence number is its 1-based line number in the file, counting LF, CR and
+CRLF endings as ``bytes.splitlines`` does. The line framing rules of
+``firmware_bridge.lines`` apply, so empty lines are skipped and leave gaps in
+the numbers. Because ``(link, seq)`` is unique, replaying the same file again,
+for example after a crash, adds no record twice and resumes the unfinished ones.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 from appliance.daemon import build_workflow, close_engine, db_path
@@ -23,7 +23,7 @@ from appliance.states import RecordKind, RecordState
 from appliance.store import Store
 from appliance.workflow import Worker, Workflow, inference_jobs, step_jobs
 from firmware_bridge.counters import LinkCounters
-from firmware_bridge.lines import LineSplitter
+from firmware_bridge.lines import Line, LineSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -44,30 +44,9 @@ def replay_file(
     Raises:
         SetupError: the file cannot be read, or the model cannot be loaded.
     """
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise SetupError(
-            f"cannot read replay file {str(path)!r}: {exc.strerror}"
-        ) from exc
-    link = f"replay:{path.resolve()}"
-    counters = LinkCounters()
-    splitter = LineSplitter(counters, max_line_bytes=max_line_bytes)
-    lines = splitter.feed(content, time.monotonic())
-    lines += splitter.poll(float("inf"))
-
     store = Store(db_path(data_dir))
     try:
-        with store.transaction() as conn:
-            added = 0
-            for seq, line in enumerate(lines, start=1):
-                flags = "truncated" if line.truncated else ""
-                if store.insert_record(
-                    conn, link, seq, line.text, line.data, kind, flags
-                ):
-                    added += 1
-            store.save_link_counters(conn, link, counters.as_dict())
-        logger.info("replay %s: %d lines, %d new records", path, len(lines), added)
+        link = commit_lines(store, path, kind, max_line_bytes)
         needs_model = store.unfinished_count() > 0 and kind is RecordKind.LOG_EVENT
     finally:
         store.close()
@@ -95,6 +74,57 @@ def replay_file(
             worker.join(timeout=30)
         close_engine(workflow, workers)
     return _link_counts(data_dir, link)
+
+
+def commit_lines(
+    store: Store, path: Path, kind: RecordKind, max_line_bytes: int = 4096
+) -> str:
+    """Commit each line of ``path`` not yet stored as a received record.
+
+    All lines go in one transaction with the link's counters. Returns the
+    replay link's name.
+
+    Raises:
+        SetupError: the file cannot be read.
+    """
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise SetupError(
+            f"cannot read replay file {str(path)!r}: {exc.strerror}"
+        ) from exc
+    link = f"replay:{path.resolve()}"
+    counters = LinkCounters()
+    lines = numbered_lines(content, counters, max_line_bytes)
+
+    with store.transaction() as conn:
+        added = 0
+        for line_number, line in lines:
+            flags = "truncated" if line.truncated else ""
+            if store.insert_record(
+                conn, link, line_number, line.text, line.data, kind, flags
+            ):
+                added += 1
+        store.save_link_counters(conn, link, counters.as_dict())
+    logger.info("replay %s: %d lines, %d new records", path, len(lines), added)
+    return link
+
+
+def numbered_lines(
+    content: bytes, counters: LinkCounters, max_line_bytes: int
+) -> list[tuple[int, Line]]:
+    """Split a file's bytes into delivered lines, each with its 1-based line number.
+
+    The splitter gets one physical line per call, so each call delivers at
+    most that one line; the last line may lack its ending.
+    """
+    splitter = LineSplitter(counters, max_line_bytes=max_line_bytes)
+    numbered: list[tuple[int, Line]] = []
+    line_number = 0
+    for line_number, chunk in enumerate(content.splitlines(keepends=True), start=1):
+        numbered += [(line_number, line) for line in splitter.feed(chunk, 0.0)]
+    numbered += [(line_number, line) for line in splitter.poll(float("inf"))]
+    return numbered
 
 
 def _wait_for_link(

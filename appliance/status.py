@@ -8,6 +8,7 @@ from typing import Any
 
 import diskcache
 
+from appliance.control import daemon_running
 from appliance.errors import StoreError
 from appliance.states import RecordState
 from appliance.store import DB_NAME, Store
@@ -41,7 +42,7 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
             "SELECT SUM(delivered_at IS NOT NULL) AS delivered,"
             " SUM(delivered_at IS NULL) AS open FROM batches"
         )[0]
-        return {
+        result = {
             "data_dir": str(data_dir),
             "records": counts,
             "links": _links(store),
@@ -62,6 +63,8 @@ def collect_status(data_dir: Path) -> dict[str, Any]:
             "answer_cache": answer_cache_stats(data_dir),
             "sync": {k: v for k, v in sync.items() if not k.startswith("outbox_")},
         }
+        _mark_stopped(result, data_dir)
+        return result
     finally:
         store.close()
 
@@ -82,6 +85,16 @@ def _links(store: Store) -> dict[str, dict[str, Any]]:
     for name, state in states.items():
         links.setdefault(name, {}).update(state)
     return links
+
+
+def _mark_stopped(status: dict[str, Any], data_dir: Path) -> None:
+    """Without a running daemon, a link's last saved state is history."""
+    running = daemon_running(data_dir)
+    status["daemon"] = {"running": running}
+    if not running:
+        for link in status["links"].values():
+            if link.get("state") and link["state"] != "closed":
+                link["state"] = f"stopped (last seen {link['state']})"
 
 
 def answer_cache_stats(data_dir: Path) -> dict[str, int]:

@@ -7,6 +7,12 @@ on ``busy_timeout`` instead of failing half-way. A state change and the step
 result that justifies it are committed together; every change is conditional
 on the state it expects, so a step that is run twice after a crash cannot move
 a record twice.
+
+The WAL file stays bounded: commits run a passive checkpoint once the WAL
+holds ``WAL_AUTOCHECKPOINT_PAGES`` pages, a reset WAL is cut back to
+``WAL_SIZE_LIMIT`` bytes, and idle workers call ``checkpoint`` to empty it.
+A checkpoint cannot pass the oldest snapshot still being read, so one read
+transaction kept open for minutes lets the WAL grow until it ends.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,18 @@ logger = logging.getLogger(__name__)
 
 DB_NAME = "appliance.db"
 BUSY_TIMEOUT_MS = 10_000
-"""Milliseconds a writer waits for the lock held by another connection."""
+"""Milliseconds one statement waits for a lock held by another connection."""
+LOCK_WAIT_SECONDS = 60.0
+"""Seconds a write transaction keeps retrying to take the write lock, each try
+waiting ``BUSY_TIMEOUT_MS``, before it fails with ``StoreError``."""
+WAL_AUTOCHECKPOINT_PAGES = 1000
+"""WAL size in pages (4 KiB each by default) at which a commit runs a passive
+checkpoint; SQLite's own default, set explicitly."""
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+"""Bytes a WAL file is truncated to when a checkpoint has let it restart
+(``PRAGMA journal_size_limit``); about ``WAL_AUTOCHECKPOINT_PAGES`` pages."""
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
 
 
 class Store:
@@ -40,11 +57,20 @@ class Store:
     Args:
         path: the database file; created with its tables when missing.
         readonly: open without write access (for status and listing commands).
+        clock: wall-clock time in seconds since the epoch, for every timestamp
+            this store writes and for deciding which records are due; tests
+            inject a fake one.
     """
 
-    def __init__(self, path: Path, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        readonly: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
         self.readonly = readonly
+        self.clock = clock
         try:
             if readonly:
                 conn = sqlite3.connect(
@@ -54,9 +80,6 @@ class Store:
                 conn = sqlite3.connect(path, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if not readonly:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
             raise StoreError(
                 f"cannot open database {str(path)!r}: {exc}", path
@@ -65,7 +88,33 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()
         if not readonly:
-            self._create_tables()
+            try:
+                self._configure_wal()
+                self._create_tables()
+            except StoreError:
+                self.close()
+                raise
+
+    def _configure_wal(self) -> None:
+        # Switching a new file to WAL mode takes an exclusive lock, so it can
+        # meet a busy database like any write.
+        mode = self._retry_busy(
+            "enable WAL mode",
+            lambda: self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0],
+        )
+        if mode != "wal":
+            logger.warning(
+                "database %s stays in journal mode %s, not WAL: readers will block "
+                "writers; keep the data directory on a local file system",
+                self.path,
+                mode,
+            )
+        try:
+            self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        except sqlite3.Error as exc:
+            raise self._error("configure the connection", exc) from exc
 
     def close(self) -> None:
         """Close the connection. Safe to call more than once."""
@@ -180,14 +229,20 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """Run a block in one write transaction taken with ``BEGIN IMMEDIATE``.
 
+        Taking the write lock at ``BEGIN`` is what makes waiting safe: in WAL
+        mode, statements and ``COMMIT`` inside a transaction that holds the
+        lock never meet a busy database, so only ``BEGIN`` needs retrying. It
+        is retried for up to ``LOCK_WAIT_SECONDS``.
+
         Raises:
-            StoreError: SQLite failed; the transaction was rolled back.
+            StoreError: SQLite failed, or another connection held the write lock
+                for longer than ``LOCK_WAIT_SECONDS``; the transaction was rolled
+                back.
         """
         with self._lock:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise self._error("begin a transaction", exc) from exc
+            self._retry_busy(
+                "begin a transaction", lambda: self.conn.execute("BEGIN IMMEDIATE")
+            )
             try:
                 yield self.conn
             except BaseException as exc:
@@ -203,6 +258,75 @@ class Store:
                     self.conn.execute("ROLLBACK")
                 raise self._error("commit", exc) from exc
 
+    def _retry_busy(self, action: str, run: Callable[[], Any]) -> Any:
+        """Call ``run`` until it gets past a busy or locked database.
+
+        Each try already waits ``BUSY_TIMEOUT_MS`` inside SQLite. An open
+        transaction is rolled back before the next try, so a retry never runs
+        inside a half-done one.
+
+        Raises:
+            StoreError: another error, or still busy after ``LOCK_WAIT_SECONDS``.
+        """
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return run()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise self._error(action, exc) from exc
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"database {str(self.path)!r}: {action} failed: {exc} "
+                        f"after {tries} tries in {LOCK_WAIT_SECONDS:g} s; another "
+                        "process keeps a transaction open on it",
+                        self.path,
+                    ) from exc
+                if self.conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.conn.execute("ROLLBACK")
+                logger.warning(
+                    "database %s is busy; retrying to %s (try %d): %s",
+                    self.path,
+                    action,
+                    tries,
+                    exc,
+                )
+            except sqlite3.Error as exc:
+                raise self._error(action, exc) from exc
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[bool, int, int]:
+        """Copy WAL pages into the database file without waiting for any lock.
+
+        ``PASSIVE`` copies what no reader still needs. ``TRUNCATE`` also empties
+        the WAL file when no reader is using it. The busy handler is off for the
+        call, so the checkpoint gives up at once instead of holding up other
+        writers. Returns ``(busy, wal_pages, checkpointed_pages)`` as SQLite
+        reports them; ``busy`` is True when a lock or a reader stopped it early.
+
+        Raises:
+            ValueError: ``mode`` is not PASSIVE, FULL, RESTART or TRUNCATE.
+            StoreError: SQLite failed.
+        """
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"unknown checkpoint mode {mode!r}")
+        with self._lock:
+            try:
+                self.conn.execute("PRAGMA busy_timeout = 0")
+                try:
+                    row = self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                finally:
+                    self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc):
+                    return True, -1, -1
+                raise self._error("checkpoint", exc) from exc
+            except sqlite3.Error as exc:
+                raise self._error("checkpoint", exc) from exc
+        return bool(row[0]), int(row[1]), int(row[2])
+
     def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
         hint = ""
         if "full" in str(exc).lower():
@@ -214,11 +338,18 @@ class Store:
     def query(
         self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
     ) -> list[sqlite3.Row]:
-        """Run a read-only query and return all rows."""
-        try:
-            return self.conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise self._error("read", exc) from exc
+        """Run a read-only query and return all rows.
+
+        Outside a transaction a busy database is waited out like a write.
+        """
+        if self.conn.in_transaction:
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error("read", exc) from exc
+        return self._retry_busy(
+            "read", lambda: self.conn.execute(sql, params).fetchall()
+        )
 
     # Records -----------------------------------------------------------------
 
@@ -316,7 +447,7 @@ class Store:
         which makes replaying the same input idempotent.
         """
         record_id = str(uuid.uuid4())
-        now = time.time()
+        now = self.clock()
         cursor = conn.execute(
             "INSERT OR IGNORE INTO records (id, link, seq, kind, state, raw, raw_bytes,"
             " flags, received_at, updated_at, attempts, next_attempt_at)"
@@ -357,7 +488,7 @@ class Store:
             " duration, error, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record_id,
-                time.time(),
+                self.clock(),
                 step,
                 from_state,
                 to_state,
@@ -386,7 +517,7 @@ class Store:
         if assignments:
             sql += ", " + assignments
         sql += " WHERE id = ? AND state = ?"
-        params = (str(target), time.time(), *fields.values(), record_id, str(expected))
+        params = (str(target), self.clock(), *fields.values(), record_id, str(expected))
         return conn.execute(sql, params).rowcount == 1
 
     def due_records(
@@ -399,14 +530,17 @@ class Store:
             f"SELECT * FROM records WHERE state IN ({state_marks})"
             f" AND kind IN ({kind_marks}) AND next_attempt_at <= ?"
             " ORDER BY received_at, link, seq LIMIT ?",
-            (*map(str, states), *map(str, kinds), time.time(), limit),
+            (*map(str, states), *map(str, kinds), self.clock(), limit),
         )
 
     def unfinished_count(self, links: list[str] | None = None) -> int:
         """Count records not yet in a final state, optionally on some links only."""
-        finals = ",".join("?" * len(FINAL_STATES))
-        sql = f"SELECT COUNT(*) AS n FROM records WHERE state NOT IN ({finals})"
-        params: list[Any] = [str(s) for s in FINAL_STATES]
+        # IN over the unfinished states lets SQLite search the state index;
+        # NOT IN over the final ones would scan all of it, every call.
+        unfinished = [str(s) for s in RecordState if s not in FINAL_STATES]
+        marks = ",".join("?" * len(unfinished))
+        sql = f"SELECT COUNT(*) AS n FROM records WHERE state IN ({marks})"
+        params: list[Any] = list(unfinished)
         if links is not None:
             sql += f" AND link IN ({','.join('?' * len(links))})"
             params += links
@@ -529,6 +663,11 @@ class Store:
     def all_link_counters(self) -> dict[str, dict[str, int]]:
         rows = self.query("SELECT name, counters FROM links ORDER BY name")
         return {row["name"]: json.loads(row["counters"]) for row in rows}
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Return True for SQLITE_BUSY or SQLITE_LOCKED, extended codes included."""
+    return exc.sqlite_errorcode & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
 
 
 def record_to_json(row: sqlite3.Row) -> dict[str, Any]:

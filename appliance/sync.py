@@ -50,6 +50,9 @@ MIN_RETRY_WAIT = 0.5
 MAX_RETRY_WAIT = 3600.0
 """Seconds waited at most, whatever Retry-After requests."""
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+CONFIGURATION_STATUS = frozenset({401, 403, 404, 405, 415})
+"""4xx statuses that point at the appliance's settings (credentials, URL), not at
+the records: sync stops and the records stay queued."""
 """HTTP statuses after which the same batch is sent again later."""
 
 
@@ -158,7 +161,7 @@ class Uploader:
                 except PermanentUploadError as exc:
                     result.failures += 1
                     result.last_error = str(exc)
-                    if exc.status in (401, 403) or exc.status is None:
+                    if exc.status in CONFIGURATION_STATUS or exc.status is None:
                         # The configuration is at fault, not the records.
                         logger.error("sync stopped: %s", exc)
                         break
@@ -390,6 +393,11 @@ class Uploader:
             message += (
                 "; the sink refused the credentials: check [sync] token_file; "
                 "the records stay queued"
+            )
+        elif status in CONFIGURATION_STATUS:
+            message += (
+                "; the URL or the request format does not match the sink: check "
+                "--upload-url or [sync] url; the records stay queued"
             )
         raise PermanentUploadError(message, batch_id, status)
 

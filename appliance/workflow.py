@@ -1,4 +1,4 @@
-"""The durable record workflow: activities, their retry policy, and the workers.
+"""The durable record workflow: activities, their retry policies, and the workers.
 
 Each activity reads a record in one state and commits its result together with
 the move to the next state, conditional on the record still being in the state
@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pydantic
 
-from appliance.errors import ApplianceError, InferenceError, InvalidOutputError
+from appliance.errors import (
+    ApplianceError,
+    InferenceError,
+    InvalidOutputError,
+    StoreError,
+)
 from appliance.inference import Completion, OutputSpec, SamplingParams
 from appliance.log_event import LogEvent
 from appliance.prompts import build_messages
-from appliance.retry import RetryPolicy
+from appliance.retry import AttemptTimeoutError, RetryPolicy
 from appliance.states import RecordKind, RecordState
 from appliance.store import Store
 
@@ -36,6 +42,53 @@ logger = logging.getLogger(__name__)
 RETRY_TEMPERATURE = 0.6
 """Temperature of retries after invalid output. The first attempt uses the
 manifest's temperature (0); sampling again at 0 would repeat the same output."""
+
+CHECKPOINT_INTERVAL = 30.0
+"""Seconds between the WAL checkpoints that an idle worker runs."""
+
+INFER_POLICY = RetryPolicy(
+    initial_interval=5.0,
+    backoff_coefficient=2.0,
+    maximum_interval=60.0,
+    maximum_attempts=3,
+    attempt_timeout=600.0,
+)
+"""Policy of ``infer`` when llama.cpp raises or an attempt times out.
+
+llama.cpp cannot be interrupted mid-call, so the timeout is checked when the
+call returns. The token budget (``max_tokens``, or the schema's longest output
+for the schema decoder) is what bounds a call's real duration. 600 s is far
+above the per-record times in docs/benchmarks.md, so it only catches
+pathological calls. ``infer`` and ``validate`` count the same attempts, which
+makes ``maximum_attempts`` a limit on model calls per record."""
+
+VALIDATE_POLICY = RetryPolicy(
+    initial_interval=0.0,
+    backoff_coefficient=1.0,
+    maximum_interval=0.0,
+    maximum_attempts=3,
+)
+"""Policy of ``validate``: invalid output sends the record back for another
+inference at once, because the retry samples differently and waiting would
+not change its outcome. Parsing takes milliseconds, so there is no timeout."""
+
+DECODE_POLICY = RetryPolicy(
+    initial_interval=0.0,
+    backoff_coefficient=1.0,
+    maximum_interval=0.0,
+    maximum_attempts=3,
+    non_retryable_errors=(InvalidOutputError,),
+)
+"""Policy of ``decode``. A line that is not a JSON object never becomes one, so
+that error is not retried, and the attempt limit only matters with a timeout."""
+
+STEP_POLICIES: Mapping[str, RetryPolicy] = {
+    "infer": INFER_POLICY,
+    "validate": VALIDATE_POLICY,
+    "decode": DECODE_POLICY,
+}
+"""Default retry policy per activity. ``enqueue`` has none: its only failure is
+a database error, which stops the worker and leaves the record validated."""
 
 
 class Engine(Protocol):
@@ -59,7 +112,15 @@ class Workflow:
         engine: the model, or None for a workflow that only handles JSON records.
         grammar: the output constraint of ``log_event`` (a spec or GBNF text).
         sampling: parameters of the first inference attempt.
-        policy: retry policy of the infer/validate pair.
+        policies: retry policies by activity name, replacing those of
+            ``STEP_POLICIES``.
+        clock: wall-clock time in seconds since the epoch. Retries are scheduled
+            and found due on it, and workers open their stores with it, so a
+            store passed to an activity should use the same clock.
+        timer: monotonic seconds, for attempt durations and timeouts.
+
+    Raises:
+        ValueError: ``policies`` names an activity that has no retry policy.
     """
 
     def __init__(
@@ -68,45 +129,55 @@ class Workflow:
         engine: Engine | None,
         grammar: OutputSpec | str,
         sampling: SamplingParams,
-        policy: RetryPolicy | None = None,
+        policies: Mapping[str, RetryPolicy] | None = None,
+        clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
+        unknown = set(policies or {}) - set(STEP_POLICIES)
+        if unknown:
+            raise ValueError(
+                f"no activity called {sorted(unknown)!r}; policies apply to "
+                f"{sorted(STEP_POLICIES)!r}"
+            )
         self.db_path = db_path
         self.engine = engine
         self.grammar = grammar
         self.sampling = sampling
-        self.policy = policy or RetryPolicy(
-            initial_interval=0.0, maximum_attempts=3, maximum_interval=0.0
-        )
+        self.policies = {**STEP_POLICIES, **(policies or {})}
+        self.clock = clock
+        self.timer = timer
         self.work_ready = threading.Event()
         self.on_final: Callable[[str], None] | None = None
 
     # Activities ---------------------------------------------------------------
 
     def infer(self, store: Store, record_id: str) -> bool:
-        """Run the model on a received ``log_event`` record and store its output."""
+        """Run the model on a received ``log_event`` record and store its output.
+
+        Returns False, doing nothing, unless the record is a received
+        ``log_event`` and due.
+        """
         row = store.get_record(record_id)
-        if row is None or row["state"] != RecordState.RECEIVED:
+        if row is None or not self._due(
+            row, RecordState.RECEIVED, RecordKind.LOG_EVENT
+        ):
             return False
         if self.engine is None:
             raise InferenceError("no model is loaded for log_event records", record_id)
         attempt = row["attempts"] + 1
-        params = self.sampling
-        if attempt > 1:
-            params = SamplingParams(
-                temperature=RETRY_TEMPERATURE,
-                top_p=self.sampling.top_p,
-                max_tokens=self.sampling.max_tokens,
-                seed=attempt,
-            )
+        params = self._sampling_for(attempt)
+        started = self.timer()
         try:
             completion = self.engine.complete(
                 build_messages(row["raw"]), self.grammar, params
             )
         except InferenceError as exc:
             exc.record_id = record_id
+            elapsed = self.timer() - started
             return self._fail(
-                store, record_id, RecordState.RECEIVED, "infer", attempt, exc, 0.0
+                store, record_id, RecordState.RECEIVED, "infer", attempt, exc, elapsed
             )
+        elapsed = self.timer() - started
 
         detail = {
             "model": self.engine.model_name,
@@ -119,6 +190,22 @@ class Workflow:
             "finish_reason": completion.finish_reason,
             "cached": completion.cached,
         }
+        error = self._timeout_error("infer", elapsed, record_id)
+        if error is not None:
+            # The call has finished, but too late: its output is kept in the
+            # history only, and the attempt counts as failed.
+            detail["output"] = completion.text
+            return self._fail(
+                store,
+                record_id,
+                RecordState.RECEIVED,
+                "infer",
+                attempt,
+                error,
+                elapsed,
+                detail,
+            )
+
         with store.transaction() as conn:
             moved = store.move(
                 conn,
@@ -146,9 +233,10 @@ class Workflow:
     def validate(self, store: Store, record_id: str) -> bool:
         """Parse and validate stored model output; retry inference or dead-letter it."""
         row = store.get_record(record_id)
-        if row is None or row["state"] != RecordState.INFERRED:
+        if row is None or not self._due(row, RecordState.INFERRED):
             return False
-        started = time.perf_counter()
+        attempt = row["attempts"]
+        started = self.timer()
         try:
             data = parse_log_event(
                 row["output"] or "", truncated=row["error"] == "truncated"
@@ -160,10 +248,24 @@ class Workflow:
                 record_id,
                 RecordState.INFERRED,
                 "validate",
-                row["attempts"],
+                attempt,
                 exc,
-                time.perf_counter() - started,
+                self.timer() - started,
+                {"output": row["output"]},
             )
+        elapsed = self.timer() - started
+        error = self._timeout_error("validate", elapsed, record_id)
+        if error is not None:
+            return self._fail(
+                store,
+                record_id,
+                RecordState.INFERRED,
+                "validate",
+                attempt,
+                error,
+                elapsed,
+            )
+
         with store.transaction() as conn:
             moved = store.move(
                 conn,
@@ -180,25 +282,47 @@ class Workflow:
                     "validate",
                     RecordState.INFERRED,
                     RecordState.VALIDATED,
-                    row["attempts"],
-                    time.perf_counter() - started,
+                    attempt,
+                    elapsed,
                 )
         return moved
 
     def decode_json(self, store: Store, record_id: str) -> bool:
         """Parse a received ``json`` record; it needs no model."""
         row = store.get_record(record_id)
-        if row is None or row["state"] != RecordState.RECEIVED:
+        if row is None or not self._due(row, RecordState.RECEIVED, RecordKind.JSON):
             return False
+        attempt = row["attempts"] + 1
+        started = self.timer()
         try:
             data = json.loads(row["raw"])
             if not isinstance(data, dict):
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         except ValueError as exc:
             error = InvalidOutputError(f"line is not a JSON object: {exc}", record_id)
-            return self._dead(
-                store, record_id, RecordState.RECEIVED, "decode", 1, error, 0.0
+            elapsed = self.timer() - started
+            return self._fail(
+                store,
+                record_id,
+                RecordState.RECEIVED,
+                "decode",
+                attempt,
+                error,
+                elapsed,
             )
+        elapsed = self.timer() - started
+        timeout_error = self._timeout_error("decode", elapsed, record_id)
+        if timeout_error is not None:
+            return self._fail(
+                store,
+                record_id,
+                RecordState.RECEIVED,
+                "decode",
+                attempt,
+                timeout_error,
+                elapsed,
+            )
+
         with store.transaction() as conn:
             moved = store.move(
                 conn,
@@ -206,7 +330,8 @@ class Workflow:
                 RecordState.RECEIVED,
                 RecordState.VALIDATED,
                 data=json.dumps(data, separators=(",", ":")),
-                attempts=1,
+                attempts=attempt,
+                error=None,
             )
             if moved:
                 store.add_event(
@@ -215,13 +340,17 @@ class Workflow:
                     "decode",
                     RecordState.RECEIVED,
                     RecordState.VALIDATED,
-                    1,
-                    0.0,
+                    attempt,
+                    elapsed,
                 )
         return moved
 
     def enqueue(self, store: Store, record_id: str) -> bool:
-        """Put a validated record into the outbox."""
+        """Put a validated record into the outbox.
+
+        It has no timeout: the move is its only work, so there is no result to
+        discard before the commit.
+        """
         with store.transaction() as conn:
             moved = store.move(
                 conn, record_id, RecordState.VALIDATED, RecordState.QUEUED
@@ -240,6 +369,40 @@ class Workflow:
             self._finished(store, record_id)
         return moved
 
+    # Helpers ------------------------------------------------------------------
+
+    def _due(
+        self, row: sqlite3.Row, state: RecordState, kind: RecordKind | None = None
+    ) -> bool:
+        """Return True when ``row`` is in ``state``, of ``kind`` if given, and due.
+
+        Activities check this themselves, so a call from outside the job
+        selectors can neither run a step early nor run the wrong step.
+        """
+        if row["state"] != state:
+            return False
+        if kind is not None and row["kind"] != kind:
+            return False
+        return (row["next_attempt_at"] or 0.0) <= self.clock()
+
+    def _sampling_for(self, attempt: int) -> SamplingParams:
+        if attempt == 1:
+            return self.sampling
+        return SamplingParams(
+            temperature=RETRY_TEMPERATURE,
+            top_p=self.sampling.top_p,
+            max_tokens=self.sampling.max_tokens,
+            seed=attempt,
+        )
+
+    def _timeout_error(
+        self, step: str, elapsed: float, record_id: str
+    ) -> AttemptTimeoutError | None:
+        timeout = self.policies[step].attempt_timeout
+        if timeout is None or elapsed <= timeout:
+            return None
+        return AttemptTimeoutError(step, elapsed, timeout, record_id)
+
     # Failure handling ----------------------------------------------------------
 
     def _fail(
@@ -251,10 +414,19 @@ class Workflow:
         attempt: int,
         error: ApplianceError,
         duration: float,
+        detail: dict[str, Any] | None = None,
     ) -> bool:
-        if not self.policy.allows_retry(attempt, error):
-            return self._dead(store, record_id, state, step, attempt, error, duration)
-        delay = self.policy.delay(attempt)
+        """Send the record back to ``received`` for a later attempt, or to dead.
+
+        The step's policy decides; the retry's due time is committed with the
+        move, so it holds across restarts.
+        """
+        policy = self.policies[step]
+        if not policy.allows_retry(attempt, error):
+            return self._dead(
+                store, record_id, state, step, attempt, error, duration, detail
+            )
+        delay = policy.delay(attempt)
         with store.transaction() as conn:
             moved = store.move(
                 conn,
@@ -263,7 +435,7 @@ class Workflow:
                 RecordState.RECEIVED,
                 attempts=attempt,
                 error=str(error),
-                next_attempt_at=time.time() + delay,
+                next_attempt_at=self.clock() + delay,
             )
             if moved:
                 store.add_event(
@@ -275,15 +447,17 @@ class Workflow:
                     attempt,
                     duration,
                     error=str(error),
+                    detail=detail,
                 )
-        logger.warning(
-            "record %s: %s attempt %d failed, retrying in %.1f s: %s",
-            record_id,
-            step,
-            attempt,
-            delay,
-            error,
-        )
+        if moved:
+            logger.warning(
+                "record %s: %s attempt %d failed, retrying in %.1f s: %s",
+                record_id,
+                step,
+                attempt,
+                delay,
+                error,
+            )
         return moved
 
     def _dead(
@@ -295,6 +469,7 @@ class Workflow:
         attempt: int,
         error: ApplianceError,
         duration: float,
+        detail: dict[str, Any] | None = None,
     ) -> bool:
         with store.transaction() as conn:
             moved = store.move(
@@ -315,11 +490,16 @@ class Workflow:
                     attempt,
                     duration,
                     error=str(error),
+                    detail=detail,
                 )
-        logger.warning(
-            "record %s: dead after %s attempt %d: %s", record_id, step, attempt, error
-        )
         if moved:
+            logger.warning(
+                "record %s: dead after %s attempt %d: %s",
+                record_id,
+                step,
+                attempt,
+                error,
+            )
             self._finished(store, record_id)
         return moved
 
@@ -377,11 +557,15 @@ class Worker(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        store = Store(self.workflow.db_path)
+        store = Store(self.workflow.db_path, clock=self.workflow.clock)
+        last_checkpoint = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 jobs = self.select(store)
                 if not jobs:
+                    if time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL:
+                        self._checkpoint(store)
+                        last_checkpoint = time.monotonic()
                     self.workflow.work_ready.wait(0.2)
                     self.workflow.work_ready.clear()
                     continue
@@ -394,6 +578,22 @@ class Worker(threading.Thread):
             logger.exception("worker %s stopped by an unexpected error", self.name)
         finally:
             store.close()
+
+    def _checkpoint(self, store: Store) -> None:
+        # TRUNCATE empties the WAL file when no reader is using it; busy only
+        # means another connection was active, and the next idle turn retries.
+        try:
+            busy, wal_pages, copied = store.checkpoint("TRUNCATE")
+        except StoreError as exc:
+            logger.warning("worker %s: WAL checkpoint failed: %s", self.name, exc)
+            return
+        logger.debug(
+            "worker %s: WAL checkpoint %s, %d of %d pages copied",
+            self.name,
+            "stopped early by a busy database" if busy else "complete",
+            copied,
+            wal_pages,
+        )
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -15,9 +15,9 @@ for each model given with --model:
 Each row gives records/s, milliseconds per output token, the share of time
 spent outside llama.cpp's forward passes (from llama.cpp's own counters), the
 share spent on output constraints, and how many outputs parsed and validated.
-Per model, a summary line compares constraint work with the forward pass per
-sampling step and flags the model when constraint work takes more than half
-of each step. Results are appended to the output file (docs/benchmarks.md)
+Per model and constrained mode, the report compares constraint work with the
+forward pass per sampling step, and it flags the model when constraint work
+takes more than half of each step. Results are appended to the output file (docs/benchmarks.md)
 with the command, machine and date. Run with `make bench`.
 """
 
@@ -270,42 +270,44 @@ def _mode_label(kind: str) -> str:
     }[kind]
 
 
-def _verdict(run: ModelRun) -> str:
-    """Return one line comparing constraint work with the forward pass per step."""
-    parts = []
-    dominant = []
+def _verdict(run: ModelRun) -> list[str]:
+    """Return Markdown lines comparing constraint work with the forward pass per step."""
     # Without an unconstrained row, llama.cpp's grammar sampler is charged with
     # all time outside forward passes, an upper bound.
     reference = [mode for mode in run.modes if mode.kind == "unconstrained"]
     sampling_ms = reference[0].outside_ms_per_token() if reference else 0.0
+    name = run.selection.manifest.name if not run.selection.by_path else "the model"
+    lines = [
+        f"Per sampling step of {name} (vocabulary {run.vocabulary_size:,} tokens):",
+        "",
+    ]
+    dominant = []
     for mode in run.modes:
         if mode.constraint_share() is None:
             continue
         constraint_ms, decode_ms = mode.step_costs(sampling_ms)
         share = constraint_ms / (constraint_ms + decode_ms) if decode_ms else 0.0
         bound = "" if mode.kind == "schema" or reference else "≤ "
-        parts.append(
-            f"{mode.name}: {bound}{constraint_ms:.1f} ms of constraint work against "
-            f"{decode_ms:.1f} ms of forward pass ({bound}{100 * share:.0f} %)"
+        lines.append(
+            f"- {mode.name}: {bound}{constraint_ms:.1f} ms of constraint work "
+            f"against {decode_ms:.1f} ms of forward pass ({bound}{100 * share:.0f} %)"
         )
         if share > DOMINANT_SHARE:
             dominant.append(mode.name)
-    name = run.selection.manifest.name if not run.selection.by_path else "model"
-    verdict = (
-        f"**constraint work dominates** in {', '.join(dominant)}"
-        if dominant
-        else "constraint work does not dominate in any mode"
-    )
-    net = (
-        f", net of the {sampling_ms:.1f} ms per token that unconstrained sampling "
-        "spends outside forward passes"
-        if reference
-        else ""
-    )
-    return (
-        f"Per sampling step for {name} (vocabulary {run.vocabulary_size:,} tokens"
-        f"{net}): " + "; ".join(parts) + f". Verdict: {verdict}."
-    )
+
+    lines.append("")
+    if reference:
+        lines.append(
+            f"Grammar-sampler figures are net of the {sampling_ms:.1f} ms per token "
+            "that unconstrained sampling spends outside forward passes."
+        )
+    if dominant:
+        lines.append(
+            f"Verdict: **constraint work dominates** in {', '.join(dominant)}."
+        )
+    else:
+        lines.append("Verdict: constraint work does not dominate in any mode.")
+    return lines
 
 
 def _report(runs: list[ModelRun], lines: list[str]) -> str:
@@ -337,7 +339,7 @@ def _report(runs: list[ModelRun], lines: list[str]) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
             *[mode.row() for mode in run.modes],
             "",
-            _verdict(run),
+            *_verdict(run),
         ]
         if run.pipeline is not None:
             rate, wall, rss = run.pipeline

@@ -18,7 +18,7 @@ class LinkCounters:
     lines: int = 0
     """Non-empty lines delivered as records."""
     empty_lines: int = 0
-    """Lines with no content after the line ending was removed; skipped."""
+    """Lines, or framed messages, with no content but whitespace; skipped."""
     nul_bytes: int = 0
     """NUL (0x00) bytes removed from lines."""
     decode_errors: int = 0

@@ -23,10 +23,11 @@ import enum
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 
 from firmware_bridge import crypto
-from firmware_bridge.errors import AuthenticationError, FrameError
+from firmware_bridge.errors import AuthenticationError, BridgeError, FrameError
 from firmware_bridge.frames import (
     MAX_BODY,
     TAG_SIZE,
@@ -54,6 +55,37 @@ NACK_INTERVAL = 0.25
 """Seconds after which a gap that is still open is NACKed again."""
 RESET_INTERVAL = 0.5
 """Least seconds between two RESET frames the appliance sends unprompted."""
+
+
+WARNING_INTERVAL = 10.0
+"""Seconds between two log lines of the same kind of rejected frame."""
+
+
+class _Throttle:
+    """Limits repeated warnings, so a flood of bad frames cannot fill the disk.
+
+    The first warning of a kind is logged; further ones within
+    ``WARNING_INTERVAL`` are counted and reported with the next one logged.
+    Counters in ``ProtocolStats`` stay exact either way.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < WARNING_INTERVAL:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            message += " (%d more like this in the last %.0f s)"
+            args = (*args, suppressed, now - last if last is not None else 0.0)
+        logger.warning(message, *args)
 
 
 class ResetReason(enum.IntEnum):
@@ -93,6 +125,8 @@ class ProtocolStats:
     handshakes: int = 0
     unpaired_hellos: int = 0
     """HELLO frames from device ids that are not paired."""
+    key_errors: int = 0
+    """HELLO frames from paired devices whose key file cannot be used."""
     auth_failures: int = 0
     """Frames whose HMAC or AEAD tag did not verify: forged or corrupted."""
     replayed_frames: int = 0
@@ -151,13 +185,17 @@ class ApplianceEndpoint:
     """The appliance's side of one link.
 
     Args:
-        lookup_key: returns a paired device's PSK by device id, or None.
+        lookup_key: returns a paired device's PSK by device id, or None when
+            the device is not paired; it may raise ``BridgeError`` when the
+            key exists but cannot be used (counted as ``key_errors``).
         next_number: returns the next message number the store expects for a
             (device id, stream id) pair: 0 for a new stream. The attribute of
             the same name may be replaced, for example by the thread that owns
             the database connection.
         random: source of random bytes (os.urandom; tests pass a fixed one).
         link: the link name, for log lines.
+        first_key_id: the key id of the first session (None: random), for
+            test vectors.
     """
 
     def __init__(
@@ -166,6 +204,7 @@ class ApplianceEndpoint:
         next_number: Callable[[str, str], int] = lambda device, stream: 0,
         random: Callable[[int], bytes] = os.urandom,
         link: str = "-",
+        first_key_id: int | None = None,
     ) -> None:
         self.link = link
         self.decoder = FrameDecoder()
@@ -175,7 +214,12 @@ class ApplianceEndpoint:
         self._random = random
         self._session: _Session | None = None
         self._frames_in_session = 0
-        self._key_counter = 0
+        # A random first session number makes it unlikely that a frame from
+        # a session before an appliance restart carries the new session's id.
+        self._key_counter = (
+            os.urandom(1)[0] if first_key_id is None else (first_key_id - 1) & 0xFF
+        )
+        self._warn = _Throttle()
         self.device_id = ""
         self.stream_id = ""
         self.expected = 0
@@ -254,8 +298,12 @@ class ApplianceEndpoint:
             return None
         if not frame.sealed:
             self.stats.plaintext_refused += 1
-            logger.warning(
-                "link %s: refused a plaintext %s frame", self.link, kind.name
+            self._warn.warning(
+                "plaintext",
+                "link %s: rejected a plaintext %s frame; this link only accepts "
+                "sealed frames",
+                self.link,
+                kind.name,
             )
             return None
         session = self._session
@@ -292,7 +340,9 @@ class ApplianceEndpoint:
             return session.opener.open(frame.seq, frame.header, frame.payload)
         except AuthenticationError as exc:
             self.stats.auth_failures += 1
-            logger.warning("link %s: device %s: %s", self.link, self.device_id, exc)
+            self._warn.warning(
+                "auth", "link %s: device %s: %s", self.link, self.device_id, exc
+            )
             return None
 
     def _data(self, session: _Session, plaintext: bytes, now: float) -> Message | None:
@@ -338,22 +388,34 @@ class ApplianceEndpoint:
         device_id = fields[: crypto.DEVICE_ID_SIZE]
         stream_id = fields[crypto.DEVICE_ID_SIZE : crypto.DEVICE_ID_SIZE * 2]
         device_random = fields[crypto.DEVICE_ID_SIZE * 2 :]
-        psk = self._lookup_key(device_id)
+        try:
+            psk = self._lookup_key(device_id)
+        except BridgeError as exc:
+            # The key file exists but cannot be used: the fix is on this box.
+            self.stats.key_errors += 1
+            self._warn.warning(
+                "key", "link %s: device %s: %s", self.link, device_id.hex(), exc
+            )
+            self._reset(ResetReason.UNPAIRED, now)
+            return
         if psk is None:
             self.stats.unpaired_hellos += 1
-            logger.warning(
-                "link %s: refused device %s: it is not paired with this appliance; run "
-                "`appliance pair NAME --export FILE` and load FILE onto the device",
+            self._warn.warning(
+                "unpaired",
+                "link %s: rejected device %s: it is not paired with this appliance; "
+                "run `appliance pair NAME --export FILE` and load FILE onto the device",
                 self.link,
                 device_id.hex(),
             )
-            self._reset(ResetReason.UNPAIRED, now, force=True)
+            self._reset(ResetReason.UNPAIRED, now)
             return
         try:
             crypto.check_hello_tag(psk, frame.header, fields, tag)
         except AuthenticationError as exc:
             self.stats.auth_failures += 1
-            logger.warning("link %s: device %s: %s", self.link, device_id.hex(), exc)
+            self._warn.warning(
+                "auth", "link %s: device %s: %s", self.link, device_id.hex(), exc
+            )
             return
         same_stream = (device_id.hex(), stream_id.hex()) == (
             self.device_id,

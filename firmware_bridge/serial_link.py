@@ -38,18 +38,23 @@ def open_port(
 ) -> serial.SerialBase:
     """Open ``url`` with pyserial, translating its errors into ``PortError``.
 
+    A local port is opened with an exclusive lock (``flock``), so a second
+    appliance or another program cannot read the same device unnoticed.
+
     Raises:
         PortNotFoundError: the path does not exist or the URL cannot be reached.
         PortPermissionError: the path exists but this user may not open it.
         PortError: any other failure to open, with pyserial's reason.
     """
     try:
+        options = {"exclusive": True} if "://" not in url else {}
         return serial.serial_for_url(
             url,
             baudrate=baudrate,
             timeout=read_timeout,
             write_timeout=WRITE_TIMEOUT,
             rtscts=rtscts,
+            **options,
         )
     except (serial.SerialException, OSError, ValueError) as exc:
         raise _port_error(url, exc) from exc
@@ -112,6 +117,24 @@ def _port_error(url: str, exc: BaseException) -> PortError:
             hint = "grant the service user read and write access to it"
         return PortPermissionError(
             f"permission denied opening serial port {url!r}: {hint}", url
+        )
+    if "exclusively lock" in str(exc) or code in (errno.EAGAIN, errno.EBUSY):
+        return PortError(
+            f"serial port {url!r} is in use by another process: stop the other "
+            "appliance or program reading it (`fuser -v PATH` shows which)",
+            url,
+        )
+    if code == errno.EISDIR:
+        return PortError(
+            f"{url!r} is a directory, not a serial port: pass the device path, "
+            "for example /dev/ttyUSB0",
+            url,
+        )
+    if code == errno.ENOTTY or "Inappropriate ioctl" in str(exc):
+        return PortError(
+            f"{url!r} is not a serial port (it does not accept terminal settings): "
+            "pass a tty device such as /dev/ttyUSB0, or a socket:// URL",
+            url,
         )
     if code == errno.ECONNREFUSED:
         return PortNotFoundError(
@@ -227,6 +250,10 @@ class SerialLink(Link):
 
     def resume(self) -> None:
         self._paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
 
     def close(self) -> None:
         """Stop the reader and close the port. Safe to call more than once."""

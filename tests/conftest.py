@@ -29,7 +29,7 @@ def engine(model_path: Path):
     but every load also re-evaluates the shared prompt prefix)."""
     from appliance.inference import LlamaEngine
 
-    loaded = LlamaEngine(model_path, n_ctx=4096, n_threads=2)
+    loaded = LlamaEngine(model_path, n_ctx=4096, n_threads=1)
     yield loaded
     loaded.close()
 

@@ -264,3 +264,66 @@ def test_link_counters_are_plain_json(pty: PtyPair, tmp_path: Path) -> None:
     saved = counters(db)
     assert json.loads(json.dumps(saved)) == saved
     assert {"crc_errors", "auth_failures", "replayed_frames", "frames"} <= set(saved)
+
+
+def test_empty_message_is_acknowledged_not_stored(pty: PtyPair, tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    device = DeviceEndpoint(DEVICE_ID, PSK)
+    for body in (b"first", b"   ", b"", b"last"):
+        device.submit(body)
+    appliance = Appliance(pty.slave_path, db, {DEVICE_ID: PSK})
+    thread = DeviceThread(pty.master_fd, device)
+    thread.start()
+    try:
+        assert wait_until(lambda: device.acked == 4)
+    finally:
+        thread.stop()
+        appliance.stop()
+    assert [raw for _, raw in stored(db)] == ["first", "last"]
+    assert counters(db)["empty_lines"] == 2
+
+
+def test_text_on_a_framed_link_is_named(
+    pty: PtyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "relay.db"
+    appliance = Appliance(pty.slave_path, db, {DEVICE_ID: PSK})
+    try:
+        for n in range(3):
+            os.write(pty.master_fd, f"pump {n} pressure high\r\n".encode() * 200)
+        assert wait_until(lambda: 'protocol = "lines"' in caplog.text)
+    finally:
+        appliance.stop()
+    assert stored(db) == []
+
+
+def test_unusable_key_file_is_counted_apart(pty: PtyPair, tmp_path: Path) -> None:
+    from firmware_bridge.errors import PairingError
+
+    def lookup(device_id: bytes) -> bytes | None:
+        raise PairingError("key file has mode 644: run chmod 600")
+
+    db = tmp_path / "relay.db"
+    device = DeviceEndpoint(DEVICE_ID, PSK)
+    appliance = Appliance(pty.slave_path, db, {})
+    appliance.endpoint._lookup_key = lookup
+    thread = DeviceThread(pty.master_fd, device)
+    thread.start()
+    try:
+        assert wait_until(lambda: appliance.endpoint.stats.key_errors >= 1)
+    finally:
+        thread.stop()
+        appliance.stop()
+    assert appliance.endpoint.stats.unpaired_hellos == 0
+
+
+def test_rejected_frames_log_at_most_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    endpoint = ApplianceEndpoint(lambda device_id: None, link="x")
+    plain = header_bytes(MessageType.DATA, 0, 1, 1, 4)
+    with caplog.at_level("WARNING"):
+        for _ in range(50):
+            endpoint.receive(encode_frame(plain, b"\x00\x00\x00\x01"), 0.0)
+    assert endpoint.stats.plaintext_refused == 50
+    assert caplog.text.count("plaintext") == 1

@@ -156,3 +156,29 @@ def test_serial_link_close_stops_reader(pty_pair: PtyPair):
     assert serial_link.state == "closed"
     assert serial_link.ring.get(64, timeout=0.3) == b""
     assert serial_link.counters.bytes == 0
+
+
+def test_second_open_of_a_port_is_refused(tmp_path) -> None:
+    from firmware_bridge.errors import PortError
+    from firmware_bridge.serial_link import open_port
+    from firmware_bridge.simulator import PtyPair
+
+    pair = PtyPair()
+    first = open_port(pair.slave_path, 115200, 0.1)
+    try:
+        with pytest.raises(PortError, match="in use by another process"):
+            open_port(pair.slave_path, 115200, 0.1)
+    finally:
+        first.close()
+        pair.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "message"), [("/dev/null", "not a serial port"), ("/tmp", "directory")]
+)
+def test_non_tty_paths_are_named(path: str, message: str) -> None:
+    from firmware_bridge.errors import PortError
+    from firmware_bridge.serial_link import open_port
+
+    with pytest.raises(PortError, match=message):
+        open_port(path, 115200, 0.1)

@@ -94,6 +94,7 @@ def new_appliance() -> ApplianceEndpoint:
         lambda device_id: PSK if device_id == DEVICE_ID else None,
         lambda device_id, stream_id: 0,
         random=fixed_random(APPLIANCE_RANDOM),
+        first_key_id=1,
     )
 
 
@@ -156,7 +157,8 @@ def run_exchange() -> dict[str, bytes]:
     stranger = new_appliance()
     stranger.receive(wires["data_0"], NOW)
     wires["reset_no_session"] = stranger.take_output()
-    stranger.receive(new_device(UNPAIRED_DEVICE_ID, UNPAIRED_PSK).poll(NOW), NOW)
+    # One second later, so the appliance's limit of one RESET per 0.5 s allows it.
+    stranger.receive(new_device(UNPAIRED_DEVICE_ID, UNPAIRED_PSK).poll(NOW), NOW + 1.0)
     wires["reset_unpaired"] = stranger.take_output()
 
     # Neither endpoint sends these two reasons in a short exchange, so their
