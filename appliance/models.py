@@ -118,9 +118,9 @@ class ModelSelection:
     """The GGUF file to load and the manifest whose settings apply to it."""
 
     manifest: ModelManifest
-    """The selected model's manifest; for a file given by path, the default
-    model's, of which only the run settings apply (context size, sampling,
-    threads and batch size)."""
+    """The selected model's manifest. For a file given by path it is the default
+    model's manifest, and only its run settings apply: context size, sampling,
+    threads and batch size."""
     path: Path
     by_path: bool
     """True when ``--model`` gave a file path: the manifest's sha256 and

@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -186,32 +186,43 @@ def _stock_grammar(schema: dict[str, Any]) -> str:
 
 
 def _pipeline(lines: list[str], model: str, threads: int) -> tuple[float, float, float]:
-    """Return (records/s, wall seconds, peak RSS MiB) of `appliance replay`."""
+    """Return (records/s, wall seconds, peak RSS MiB) of `appliance replay`.
+
+    Raises:
+        subprocess.CalledProcessError: the replay failed; its stderr is attached.
+    """
     appliance = str(Path(sys.executable).with_name("appliance"))
     with tempfile.TemporaryDirectory() as tmp:
         sample = Path(tmp) / "slice.log"
         sample.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        started = time.perf_counter()
-        subprocess.run(
-            [
-                appliance,
-                "replay",
-                str(sample),
-                "--data-dir",
-                str(Path(tmp) / "d"),
-                "--model",
-                model,
-                "--threads",
-                str(threads),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        wall = time.perf_counter() - started
-        # ru_maxrss of children is the largest of any child so far, and the
-        # replay process is by far the largest child of this script.
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return len(lines) / wall, wall, peak_kib / 1024
+        command = [
+            appliance,
+            "replay",
+            str(sample),
+            "--data-dir",
+            str(Path(tmp) / "d"),
+            "--model",
+            model,
+            "--threads",
+            str(threads),
+        ]
+        with open(Path(tmp) / "stderr.log", "w+b") as stderr:
+            started = time.perf_counter()
+            process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+            # wait4 reports this child's own peak RSS. getrusage(RUSAGE_CHILDREN)
+            # would give the largest of every child so far, such as an earlier
+            # model's replay.
+            _, status, usage = os.wait4(process.pid, 0)
+            wall = time.perf_counter() - started
+            process.returncode = os.waitstatus_to_exitcode(status)
+            if process.returncode != 0:
+                stderr.seek(0)
+                raise subprocess.CalledProcessError(
+                    process.returncode, command, stderr=stderr.read()
+                )
+    return len(lines) / wall, wall, usage.ru_maxrss / 1024
 
 
 def _measure_model(
