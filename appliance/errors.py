@@ -12,6 +12,8 @@ can do::
     │   ├── ModelChecksumError      a model file differs from its manifest in size or SHA-256
     │   └── ModelLoadError          llama.cpp could not load the file
     ├── StoreError              SQLite failed (disk full, corrupt file)
+    ├── AttemptTimeoutError     an activity attempt outlived its policy (appliance/retry.py)
+    ├── ManualRetryError        `appliance retry` named no dead record (appliance/retry.py)
     ├── ControlError            the control socket cannot be reached or a command failed
     ├── GrammarError            a JSON schema uses a feature the generator rejects
     ├── InferenceError          one model call failed; retried by its policy

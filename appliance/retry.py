@@ -181,8 +181,8 @@ def _requeue(
         attempts=0,
         error=None,
         next_attempt_at=0.0,
-        # A record the sink rejected goes into a new batch: resending the old
-        # batch id would only replay the sink's stored answer.
+        # A record the sink rejected goes into a new batch, because resending
+        # the old batch id would only replay the sink's stored response.
         batch_id=None,
     )
     if not moved:

@@ -9,7 +9,7 @@ on the state it expects, so a step that is run twice after a crash cannot move
 a record twice.
 
 The WAL file stays bounded: commits run a passive checkpoint once the WAL
-holds ``WAL_AUTOCHECKPOINT_PAGES`` pages, a reset WAL is cut back to
+contains ``WAL_AUTOCHECKPOINT_PAGES`` pages, a reset WAL is cut back to
 ``WAL_SIZE_LIMIT`` bytes, and idle workers call ``checkpoint`` to empty it.
 A checkpoint cannot pass the oldest snapshot still being read, so one read
 transaction kept open for minutes lets the WAL grow until it ends.

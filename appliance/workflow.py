@@ -418,8 +418,8 @@ class Workflow:
     ) -> bool:
         """Send the record back to ``received`` for a later attempt, or to dead.
 
-        The step's policy decides; the retry's due time is committed with the
-        move, so it holds across restarts.
+        The step's policy decides. The retry's due time is committed with the
+        move, so it survives restarts.
         """
         policy = self.policies[step]
         if not policy.allows_retry(attempt, error):

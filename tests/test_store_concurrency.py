@@ -44,11 +44,11 @@ def _wal_size(db: Path) -> int:
 # Waiting for the write lock ------------------------------------------------------
 
 
-def _hold_write_lock(db: Path, seconds: float, held: threading.Event) -> None:
+def _hold_write_lock(db: Path, seconds: float, lock_taken: threading.Event) -> None:
     conn = sqlite3.connect(db, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
-        held.set()
+        lock_taken.set()
         time.sleep(seconds)
         conn.execute("COMMIT")
     finally:
@@ -60,12 +60,12 @@ def test_writer_waits_past_busy_timeout(
 ) -> None:
     monkeypatch.setattr("appliance.store.BUSY_TIMEOUT_MS", 50)
     store = Store(tmp_path / "appliance.db")
-    held = threading.Event()
+    lock_taken = threading.Event()
     holder = threading.Thread(
-        target=_hold_write_lock, args=(store.path, 0.5, held), daemon=True
+        target=_hold_write_lock, args=(store.path, 0.5, lock_taken), daemon=True
     )
     holder.start()
-    held.wait(5)
+    lock_taken.wait(5)
 
     started = time.monotonic()
     try:
@@ -86,12 +86,12 @@ def test_lock_held_too_long_fails_clearly(
     monkeypatch.setattr("appliance.store.BUSY_TIMEOUT_MS", 50)
     monkeypatch.setattr("appliance.store.LOCK_WAIT_SECONDS", 0.2)
     store = Store(tmp_path / "appliance.db")
-    held = threading.Event()
+    lock_taken = threading.Event()
     holder = threading.Thread(
-        target=_hold_write_lock, args=(store.path, 1.0, held), daemon=True
+        target=_hold_write_lock, args=(store.path, 1.0, lock_taken), daemon=True
     )
     holder.start()
-    held.wait(5)
+    lock_taken.wait(5)
 
     try:
         with pytest.raises(
@@ -152,7 +152,7 @@ def test_workers_and_cli_share_database(tmp_path: Path) -> None:
     data_dir.mkdir()
     db = data_dir / "appliance.db"
     Store(db).close()
-    # Every model answer is invalid, so records keep dying and the CLI keeps
+    # Every model output is invalid, so records keep dying and the CLI keeps
     # finding dead records to put back.
     no_wait = RetryPolicy(initial_interval=0.0, maximum_interval=0.0)
     flow = Workflow(
