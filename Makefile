@@ -16,7 +16,7 @@ ifeq ($(shell uname -m),x86_64)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 endif
 
-.PHONY: run test test-slow bench soak soak-links lint grammars clean gemma fuzz
+.PHONY: test-crash run test test-slow bench soak soak-links lint grammars clean gemma fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# The 200-iteration crash loop (a few minutes, no model).
+test-crash: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests/test_crash_loop.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py --output docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_protocol.py --output docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_sync.py --output docs/benchmarks.md
 
 # Memory and latency over many records: FIELD_RELAY_SOAK_RECORDS sets the count
 # (default 10,000, which takes hours at 1 thread on 2 cores).

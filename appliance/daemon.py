@@ -35,6 +35,7 @@ from appliance.models import select_model
 from appliance.mqtt_sink import make_sink
 from appliance.outbox import OutboxPolicy, maintain
 from appliance.retry import requeue_all_dead, requeue_dead
+from appliance.sd_notify import Notifier
 from appliance.states import RecordState
 from appliance.status import collect_status
 from appliance.store import DB_NAME, Store
@@ -128,6 +129,7 @@ class Daemon:
         """Set to end a running sync early: on stop and on pause."""
         self.started_at = time.time()
         self.model_name = ""
+        self.notifier = Notifier()
         self.policy = OutboxPolicy(
             options.outbox.quota_bytes,
             options.outbox.retain_uploaded_s,
@@ -197,9 +199,11 @@ class Daemon:
         if uploader_thread is not None:
             uploader_thread.start()
 
+        self.notifier.ready(f"reading {len(self.links)} link(s)")
         try:
             code = self._supervise(workers)
         finally:
+            self.notifier.stopping()
             control.stop()
             self._sync_interrupt.set()
             self._stop_links()
@@ -233,9 +237,18 @@ class Daemon:
 
     def _supervise(self, workers: list[Worker]) -> int:
         store = Store(db_path(self.data_dir), readonly=True)
-        last_status = last_outbox = time.monotonic()
+        last_status = last_outbox = last_ping = time.monotonic()
+        ping_every = self.notifier.watchdog_interval
         try:
             while not self.stop_event.wait(0.25):
+                if (
+                    ping_every is not None
+                    and time.monotonic() - last_ping >= ping_every
+                ):
+                    # The supervisor pings only while it runs its loop, so a
+                    # hung supervisor gets the daemon restarted.
+                    self.notifier.watchdog()
+                    last_ping = time.monotonic()
                 intakes = [running.intake for running in self.links]
                 failed = [t for t in (*intakes, *workers) if getattr(t, "error", None)]
                 if failed:

@@ -30,6 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
+from appliance import faults
 from appliance.errors import StoreError
 from appliance.states import FINAL_STATES, RecordKind, RecordState
 
@@ -251,12 +252,14 @@ class Store:
                 if isinstance(exc, sqlite3.Error):
                     raise self._error("write", exc) from exc
                 raise
+            faults.point("commit.before")
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("ROLLBACK")
                 raise self._error("commit", exc) from exc
+            faults.point("commit.after")
 
     def _retry_busy(self, action: str, run: Callable[[], Any]) -> Any:
         """Call ``run`` until it gets past a busy or locked database.

@@ -207,3 +207,37 @@ def test_replay_twice_adds_no_duplicates(tmp_path: Path, child_env_module) -> No
         )
         assert result.returncode == 0, result.stderr[-2000:]
     assert len(_records(tmp_path / "d")) == 3
+
+
+def test_sigterm_stops_cleanly_and_in_bounded_time(
+    tmp_path: Path, child_env_module
+) -> None:
+    data_dir = tmp_path / "term"
+    proc = subprocess.Popen(
+        [
+            APPLIANCE,
+            "run",
+            "--demo",
+            "--demo-rate",
+            "20",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env_module,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (data_dir / "appliance.db").exists() and len(_records(data_dir)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    # One model call may be running; the daemon waits for it, then exits.
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "received signal 15" in stderr
+    assert not (data_dir / "control.sock").exists()
+    records = _records(data_dir)
+    assert len({r["id"] for r in records}) == len(records)
