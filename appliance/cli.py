@@ -509,6 +509,7 @@ def _register_commands() -> None:
     from appliance.cli_models import models_group
     from appliance.cli_retry import retry_command
     from appliance.cli_scan import scan_command
+    from appliance.cli_tui import tui_command
 
     main.add_command(collector_command)
     main.add_command(config_group)
@@ -517,6 +518,7 @@ def _register_commands() -> None:
     main.add_command(models_group)
     main.add_command(retry_command)
     main.add_command(scan_command)
+    main.add_command(tui_command)
     for command in DEVICE_COMMANDS:
         main.add_command(command)
 

@@ -157,7 +157,7 @@ class SyncConfig(_Section):
         None, description="File holding the bearer token (mode 0600)."
     )
     ca_bundle: Path | None = Field(None, description="CA bundle for TLS verification.")
-    batch_records: int = Field(200, ge=1, le=100_000, description="Records per batch.")
+    batch_records: int = Field(1000, ge=1, le=100_000, description="Records per batch.")
     batch_bytes: int = Field(
         1_000_000, ge=1024, le=100 * 2**20, description="Uncompressed bytes per batch."
     )
@@ -240,16 +240,172 @@ class LimitsConfig(_Section):
 
 class TelemetryConfig(_Section):
     otlp_endpoint: str | None = Field(
-        None, description="OTLP/HTTP collector base URL; empty keeps spans local."
+        None,
+        description="OTLP/HTTP collector base URL (spans go to /v1/traces, metrics "
+        "to /v1/metrics); empty uses OTEL_EXPORTER_OTLP_ENDPOINT, and without "
+        "either, telemetry stays local.",
     )
     capture: Literal["off", "redacted", "full"] = Field(
-        "redacted", description="How much prompt and response text spans carry."
+        "redacted",
+        description="Prompt and response text on model-call spans: off (none), "
+        "redacted (secrets and personal data replaced) or full.",
     )
     headers: dict[str, str] = Field(
         default_factory=dict,
         description="HTTP headers for the collector, e.g. an authorization token; "
         "masked by `config show`.",
     )
+    redact_patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra redaction rules as name = regular expression; a match "
+        "becomes [REDACTED:name].",
+    )
+    spool_bytes: int = Field(
+        16 * 2**20,
+        ge=64 * 1024,
+        le=2**34,
+        description="Bytes of serialized telemetry kept while the collector is "
+        "unreachable; past this the oldest is dropped and counted.",
+    )
+    local_spans: int = Field(
+        100_000,
+        ge=1000,
+        le=10_000_000,
+        description="Spans kept in the data directory for `appliance trace`; "
+        "the oldest go first.",
+    )
+    trace_retention_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Seconds a span stays in the data directory for `appliance "
+        "trace`; drift samples are kept as long as the span limit allows.",
+    )
+    drift_sample: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Fraction of records tagged for offline drift review; their "
+        "spans carry prompt and response even when capture is off (redacted then).",
+    )
+    metric_interval_s: float = Field(
+        60.0, ge=1, le=3600, description="Seconds between metric collections."
+    )
+    export_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Seconds one export request may take."
+    )
+    input_token_price: float = Field(
+        0.0,
+        ge=0,
+        description="Price per input token of a priced remote model, in "
+        "price_currency; 0 records no money cost.",
+    )
+    output_token_price: float = Field(
+        0.0,
+        ge=0,
+        description="Price per output token of a priced remote model, in "
+        "price_currency; 0 records no money cost.",
+    )
+    price_currency: str = Field(
+        "USD", min_length=3, max_length=3, description="ISO 4217 code of the prices."
+    )
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for name, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"redaction rule {name!r} is not a valid regular expression: {exc}"
+                ) from None
+        return patterns
+
+
+class ReviewConfig(_Section):
+    """A larger model that checks a sample of the local model's records when online."""
+
+    enabled: bool = Field(
+        False,
+        description="Send review work to the reviewer endpoint; needs base_url "
+        "and model.",
+    )
+    base_url: str | None = Field(
+        None,
+        description="Base URL of an OpenAI-compatible API, usually ending in /v1; "
+        "requests go to {base_url}/chat/completions.",
+    )
+    model: str | None = Field(None, description="Model name sent with each request.")
+    api_key_file: Path | None = Field(
+        None,
+        description="File holding the API key (mode 0600); empty sends no "
+        "Authorization header.",
+    )
+    sample_fraction: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Fraction of validated log_event records reviewed as the "
+        "drift sample.",
+    )
+    review_doubtful: bool = Field(
+        True,
+        description="Also review records that needed a retry, whose line was cut, "
+        "or whose severity is two or more levels from the logged level.",
+    )
+    requests_per_minute: int = Field(
+        0, ge=0, le=1_000_000, description="Requests allowed per minute; 0: no limit."
+    )
+    tokens_per_minute: int = Field(
+        0,
+        ge=0,
+        le=100_000_000,
+        description="Tokens allowed per minute, each request counted as its "
+        "estimated prompt tokens plus max_tokens; 0: no limit.",
+    )
+    max_tokens: int = Field(
+        320, ge=16, le=32768, description="Completion tokens allowed per request."
+    )
+    price_per_1k_prompt_tokens: float = Field(
+        0.0, ge=0, description="Price of 1000 prompt tokens, in the budget's currency."
+    )
+    price_per_1k_completion_tokens: float = Field(
+        0.0,
+        ge=0,
+        description="Price of 1000 completion tokens, in the budget's currency.",
+    )
+    daily_budget: float = Field(
+        0.0,
+        ge=0,
+        description="Spending allowed per UTC day; review stops before a request "
+        "that could pass it and resumes the next day; 0: no budget.",
+    )
+    timeout: float = Field(60.0, gt=0, le=600, description="Seconds per request.")
+    structured_output: Literal["auto", "json_schema", "prompt"] = Field(
+        "auto",
+        description="json_schema sends response_format with the log_event schema; "
+        "prompt puts the schema in the system message instead; auto starts with "
+        "json_schema and switches to prompt when the server rejects it.",
+    )
+    agreement_alert_below: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Agreement rate over the last agreement_window reviews below "
+        "which status shows the drift alert; 0: no alert.",
+    )
+    agreement_window: int = Field(
+        50,
+        ge=1,
+        le=100_000,
+        description="Reviews that the recent agreement rate is computed over.",
+    )
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> ReviewConfig:
+        if self.enabled and not (self.base_url and self.model):
+            raise ValueError("[review] enabled = true needs base_url and model")
+        return self
 
 
 class Config(_Section):
@@ -267,6 +423,7 @@ class Config(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
 
     @field_validator("links")
     @classmethod
@@ -446,6 +603,7 @@ def reference_markdown() -> str:
         ("[outbox]", OutboxConfig),
         ("[limits]", LimitsConfig),
         ("[telemetry]", TelemetryConfig),
+        ("[review]", ReviewConfig),
     ]
     for title, model in sections:
         lines += ["", f"## {title}", "", "| key | type | default | allowed | meaning |"]

@@ -155,6 +155,11 @@ class Store:
             self.db["records"].create_index(
                 ["state", "next_attempt_at"], if_not_exists=True
             )
+            self.db["records"].create_index(["batch_id"], if_not_exists=True)
+            # The outbox reads queued records oldest first.
+            self.db["records"].create_index(
+                ["state", "received_at", "link", "seq"], if_not_exists=True
+            )
             self.db["events"].create(
                 {
                     "id": int,
@@ -502,6 +507,51 @@ class Store:
             ),
         )
 
+    def add_events(
+        self,
+        conn: sqlite3.Connection,
+        record_ids: list[str],
+        step: str,
+        from_state: str | None,
+        to_state: str | None,
+        attempt: int,
+        duration: float,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append the same history entry to many records in one statement."""
+        at = self.clock()
+        encoded = json.dumps(detail) if detail else None
+        conn.executemany(
+            "INSERT INTO events (record_id, at, step, from_state, to_state, attempt,"
+            " duration, error, detail) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            [
+                (record_id, at, step, from_state, to_state, attempt, duration, encoded)
+                for record_id in record_ids
+            ],
+        )
+
+    def move_many(
+        self,
+        conn: sqlite3.Connection,
+        record_ids: list[str],
+        expected: RecordState,
+        target: RecordState,
+        **fields: Any,
+    ) -> list[str]:
+        """Move each record still in ``expected`` to ``target``; return the ids moved."""
+        moved: list[str] = []
+        assignments = "".join(f", {name} = ?" for name in fields)
+        for start in range(0, len(record_ids), 500):
+            chunk = record_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"UPDATE records SET state = ?, updated_at = ?{assignments}"
+                f" WHERE id IN ({marks}) AND state = ? RETURNING id",
+                (str(target), self.clock(), *fields.values(), *chunk, str(expected)),
+            ).fetchall()
+            moved += [row[0] for row in rows]
+        return moved
+
     def move(
         self,
         conn: sqlite3.Connection,
@@ -673,9 +723,13 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return exc.sqlite_errorcode & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
 
 
-def record_to_json(row: sqlite3.Row) -> dict[str, Any]:
-    """Return the public JSON form of a record, as listed and as uploaded."""
-    return {
+def record_to_json(row: sqlite3.Row, with_data: bool = True) -> dict[str, Any]:
+    """Return the public JSON form of a record, as listed and as uploaded.
+
+    ``with_data=False`` leaves out ``data``, for callers that add the stored
+    JSON text themselves.
+    """
+    result = {
         "id": row["id"],
         "link": row["link"],
         "seq": row["seq"],
@@ -683,11 +737,13 @@ def record_to_json(row: sqlite3.Row) -> dict[str, Any]:
         "state": row["state"],
         "received_at": _iso(row["received_at"]),
         "raw": row["raw"],
-        "data": json.loads(row["data"]) if row["data"] else None,
         "error": row["error"],
         "attempts": row["attempts"],
         "flags": row["flags"].split(",") if row["flags"] else [],
     }
+    if with_data:
+        result["data"] = json.loads(row["data"]) if row["data"] else None
+    return result
 
 
 def _iso(epoch: float) -> str:

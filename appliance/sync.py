@@ -50,6 +50,8 @@ MIN_RETRY_WAIT = 0.5
 MAX_RETRY_WAIT = 3600.0
 """Seconds waited at most, whatever Retry-After requests."""
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+GZIP_LEVEL = 6
+"""zlib's default level: about as small as 9 on NDJSON, at a fraction of the time."""
 CONFIGURATION_STATUS = frozenset({401, 403, 404, 405, 415})
 """4xx statuses that point at the appliance's settings (credentials, URL), not at
 the records: sync stops and the records stay queued."""
@@ -95,7 +97,7 @@ class Uploader:
         self,
         db_path: Path,
         url: str,
-        batch_size: int = 200,
+        batch_size: int = 1000,
         max_batch_bytes: int = 1_000_000,
         compress: bool = True,
         timeout: float = 30.0,
@@ -112,6 +114,7 @@ class Uploader:
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.limiter = limiter or SlidingWindowLimiter()
+        self._lines: tuple[str, dict[str, bytes]] = ("", {})
         self._headers = {}
         if token_file is not None:
             self._headers["Authorization"] = f"Bearer {read_token(token_file)}"
@@ -216,13 +219,16 @@ class Uploader:
 
     def _next_batch(self, store: Store) -> str | None:
         """Return an open batch to resend, or assign queued records to a new one."""
+        # Open batches are few, so start from the batches table; scanning the
+        # queued records for a batch id would cost a pass over the outbox.
         rows = store.query(
-            "SELECT batch_id FROM records WHERE state = ? AND batch_id IS NOT NULL"
-            " ORDER BY received_at LIMIT 1",
+            "SELECT b.id FROM batches b WHERE b.delivered_at IS NULL AND EXISTS"
+            " (SELECT 1 FROM records r WHERE r.batch_id = b.id AND r.state = ?)"
+            " ORDER BY b.created_at LIMIT 1",
             (str(RecordState.QUEUED),),
         )
         if rows:
-            return str(rows[0]["batch_id"])
+            return str(rows[0]["id"])
         candidates = store.query(
             "SELECT * FROM records WHERE state = ? AND batch_id IS NULL"
             " ORDER BY received_at, link, seq LIMIT ?",
@@ -231,12 +237,14 @@ class Uploader:
         if not candidates:
             return None
         chosen, total = [], 0
+        lines: dict[str, bytes] = {}
         for row in candidates:
-            size = len(ndjson_line(row))
-            if chosen and total + size > self.max_batch_bytes:
+            line = ndjson_line(row)
+            if chosen and total + len(line) > self.max_batch_bytes:
                 break
             chosen.append(row["id"])
-            total += size
+            lines[row["id"]] = line
+            total += len(line)
         batch_id = str(uuid.uuid4())
         with store.transaction() as conn:
             conn.execute(
@@ -249,6 +257,8 @@ class Uploader:
                 " AND state = ? AND batch_id IS NULL",
                 (batch_id, *chosen, str(RecordState.QUEUED)),
             )
+        # The first send reuses the encoded lines; a resend encodes afresh.
+        self._lines = (batch_id, lines)
         return batch_id
 
     def _send(
@@ -263,14 +273,18 @@ class Uploader:
             " ORDER BY received_at, link, seq",
             (batch_id, str(RecordState.QUEUED)),
         )
-        body = b"".join(ndjson_line(row) for row in rows)
+        cached_id, cached = self._lines
+        if cached_id != batch_id:
+            cached = {}
+        body = b"".join(cached.get(row["id"]) or ndjson_line(row) for row in rows)
+        self._lines = ("", {})
         headers = {
             "Content-Type": "application/x-ndjson",
             "Idempotency-Key": batch_id,
             **self._headers,
         }
         if self.compress:
-            body = gzip.compress(body, mtime=0)
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
             headers["Content-Encoding"] = "gzip"
         waited = self.limiter.acquire(len(body), stop)
         if waited:
@@ -336,23 +350,26 @@ class Uploader:
                             detail={"batch_id": batch_id, "status": status},
                         )
                     continue
-                if store.move(
-                    conn,
-                    record_id,
-                    RecordState.QUEUED,
-                    RecordState.UPLOADED,
-                    uploaded_at=now,
-                ):
-                    store.add_event(
-                        conn,
-                        record_id,
-                        "upload",
-                        RecordState.QUEUED,
-                        RecordState.UPLOADED,
-                        1,
-                        time.perf_counter() - started,
-                        detail={"batch_id": batch_id, "status": status},
-                    )
+            # One UPDATE and one batch of event rows for the accepted records:
+            # per-record statements were the largest cost of a sync.
+            accepted = [record_id for record_id in ids if record_id not in rejected]
+            moved = store.move_many(
+                conn,
+                accepted,
+                RecordState.QUEUED,
+                RecordState.UPLOADED,
+                uploaded_at=now,
+            )
+            store.add_events(
+                conn,
+                moved,
+                "upload",
+                RecordState.QUEUED,
+                RecordState.UPLOADED,
+                1,
+                time.perf_counter() - started,
+                detail={"batch_id": batch_id, "status": status},
+            )
             store.add_sync_counts(
                 conn,
                 batches=1,
@@ -565,5 +582,12 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def ndjson_line(row: sqlite3.Row) -> bytes:
-    """Return one record as an NDJSON line, as ``records --format jsonl`` prints it."""
-    return json.dumps(record_to_json(row), ensure_ascii=False).encode("utf-8") + b"\n"
+    """Return one record as an NDJSON line, as ``records --format jsonl`` prints it.
+
+    The ``data`` column already holds compact JSON, so it is spliced in as
+    text rather than parsed and encoded again; ``data`` comes last.
+    """
+    fields = record_to_json(row, with_data=False)
+    head = json.dumps(fields, ensure_ascii=False)
+    data = row["data"] or "null"
+    return f'{head[:-1]}, "data": {data}}}\n'.encode()

@@ -47,6 +47,15 @@ def require_mosquitto() -> None:
         )
 
 
+def mosquitto_version() -> str:
+    """Return the broker's version line, such as ``mosquitto version 2.0.11``."""
+    help_text = subprocess.run(
+        [str(MOSQUITTO), "-h"], capture_output=True, text=True, timeout=10, check=False
+    )
+    lines = (help_text.stdout + help_text.stderr).splitlines()
+    return next((line for line in lines if "version" in line), "mosquitto")
+
+
 def free_port() -> int:
     """Return a loopback TCP port that had no listener a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -62,7 +71,7 @@ class Mosquitto:
     """One Mosquitto process on 127.0.0.1, restartable on the same port.
 
     Args:
-        directory: holds the configuration, the persistence file and the log;
+        directory: contains the configuration, the persistence file and the log;
             created when missing.
         password_file: a ``mosquitto_passwd`` file; connections without valid
             credentials are then refused.
@@ -279,21 +288,21 @@ class BrokerProxy:
     """A TCP relay on 127.0.0.1 in front of a broker, for faults the broker has no setting for.
 
     ``drop_connections`` breaks every relayed connection while the broker keeps
-    running, as a lost network would. With ``refuse_mqtt5``, the proxy reads
-    the first packet of each connection and answers a CONNECT with protocol
-    level 5 by ``CONNACK_UNACCEPTABLE_PROTOCOL`` and a close, as a broker that
-    only speaks MQTT 3.1.1 does (Mosquitto 2.0 cannot refuse MQTT 5 on a
-    listener). Everything else is relayed byte for byte.
+    running, as a lost network would. With ``reject_mqtt5``, the proxy reads
+    the first packet of each connection. It responds to a CONNECT with
+    protocol level 5 by ``CONNACK_UNACCEPTABLE_PROTOCOL`` and a close, as a
+    broker that only speaks MQTT 3.1.1 does, because Mosquitto 2.0 cannot
+    reject MQTT 5 on a listener. Everything else is relayed byte for byte.
 
     Attributes:
-        refused: MQTT 5 connections refused so far.
+        rejected: MQTT 5 connections rejected so far.
         relayed: connections relayed to the broker so far.
     """
 
-    def __init__(self, broker_port: int, refuse_mqtt5: bool = False) -> None:
+    def __init__(self, broker_port: int, reject_mqtt5: bool = False) -> None:
         self.broker_port = broker_port
-        self.refuse_mqtt5 = refuse_mqtt5
-        self.refused = 0
+        self.reject_mqtt5 = reject_mqtt5
+        self.rejected = 0
         self.relayed = 0
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -364,8 +373,8 @@ class BrokerProxy:
             except (OSError, ValueError):
                 return
             is_connect = first[0] & 0xF0 == MQTT_CONNECT
-            if self.refuse_mqtt5 and is_connect and _protocol_level(first) == MQTT_5:
-                self.refused += 1
+            if self.reject_mqtt5 and is_connect and _protocol_level(first) == MQTT_5:
+                self.rejected += 1
                 with contextlib.suppress(OSError):
                     client.sendall(CONNACK_UNACCEPTABLE_PROTOCOL)
                 return

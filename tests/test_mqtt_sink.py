@@ -1,11 +1,12 @@
 """MQTT upload: ``MqttUploader``, ``make_sink`` and ``appliance sync`` with an MQTT sink.
 
-Every test runs a real Mosquitto broker on a free loopback port with its own
-configuration (``tests.mosquitto``) and reads what arrived with a real MQTT
-consumer that keeps a persistent session, so it misses nothing while the
-broker restarts. QoS 1 allows the broker to deliver a record twice. The
-consumer de-duplicates by record id, as any consumer of this sink must, and
-the tests check that no record is missing and that every copy is identical.
+Tests that publish run a real Mosquitto broker on a free loopback port with
+its own configuration (``tests.mosquitto``), and are skipped when it is not
+installed. They read what arrived with a real MQTT consumer that keeps a
+persistent session, so it misses nothing while the broker restarts. QoS 1
+allows the broker to deliver a record twice. The consumer de-duplicates by
+record id, as any consumer of this sink must, and the tests check that no
+record is missing and that every copy is identical.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from tests.mosquitto import (
     BrokerProxy,
     Mosquitto,
     free_port,
-    require_mosquitto,
     write_password_file,
 )
 from tests.test_sync import add_queued_records, record_states
@@ -61,11 +61,6 @@ DELIVERY_TIMEOUT = 30.0
 """Seconds the consumer may take to receive what the broker acknowledged."""
 RESTART_RECORDS = 2_000
 SOAK_RECORDS = 10_000
-
-
-@pytest.fixture(autouse=True)
-def _mosquitto_installed() -> None:
-    require_mosquitto()
 
 
 @pytest.fixture
@@ -382,8 +377,8 @@ def test_unreachable_broker_keeps_records_queued(db_path: Path) -> None:
 
 
 def test_refused_puback_keeps_records_queued(tmp_path: Path, db_path: Path) -> None:
-    # Anonymous clients may publish under allowed/ only, so the broker answers
-    # every record's PUBLISH with PUBACK reason code 0x87, Not authorized.
+    # Anonymous clients may publish under allowed/ only, so the broker responds to
+    # every record's PUBLISH with a PUBACK of reason code 0x87, Not authorized.
     acl = write_private(tmp_path / "acl", "topic write allowed/#\ntopic read #\n")
     add_queued_records(db_path, 3)
 
@@ -415,7 +410,7 @@ def test_rate_limiter_counts_payload_bytes(
         result = uploader.sync(deadline=time.monotonic() + SYNC_DEADLINE)
 
     assert result.records == 5
-    # The window is full exactly when it holds the five payloads' bytes.
+    # The window is full exactly when it contains the five payloads' bytes.
     assert limiter.delay(window - payload_bytes) == 0
     assert limiter.delay(window - payload_bytes + 1) > 0
 
@@ -608,12 +603,12 @@ def test_auto_falls_back_to_311(
 ) -> None:
     record_ids = add_queued_records(db_path, 3)
 
-    with BrokerProxy(broker.port, refuse_mqtt5=True) as proxy:
+    with BrokerProxy(broker.port, reject_mqtt5=True) as proxy:
         with open_uploader(db_path, proxy.port, protocol="auto") as uploader:
             result = uploader.sync(deadline=time.monotonic() + SYNC_DEADLINE)
             version = uploader.protocol_version
 
-    assert proxy.refused == 1
+    assert proxy.rejected == 1
     assert version == "3.1.1"
     assert result.records == 3
     assert result.failures == 0
@@ -627,11 +622,11 @@ def test_auto_falls_back_to_311(
 def test_protocol_5_refused_keeps_records(db_path: Path, broker: Mosquitto) -> None:
     add_queued_records(db_path, 2)
 
-    with BrokerProxy(broker.port, refuse_mqtt5=True) as proxy:
+    with BrokerProxy(broker.port, reject_mqtt5=True) as proxy:
         with open_uploader(db_path, proxy.port, protocol="5") as uploader:
             result = uploader.sync(deadline=time.monotonic() + SYNC_DEADLINE)
 
-    assert proxy.refused == 1
+    assert proxy.rejected == 1
     assert result.records == 0
     assert result.remaining == 2
     assert result.last_error is not None
@@ -681,7 +676,7 @@ def test_wrong_password_stops_sync(tmp_path: Path, db_path: Path) -> None:
     assert result.failures == 1
     assert result.remaining == 2
     assert result.last_error is not None
-    # Mosquitto 2.0.11 answers a wrong password with 0x87 Not authorized;
+    # Mosquitto 2.0.11 responds to a wrong password with 0x87 Not authorized;
     # other brokers send 0x86 Bad user name or password.
     assert "refused the MQTT 5 connection" in result.last_error
     assert "password_file" in result.last_error
@@ -733,6 +728,7 @@ def write_tls_files(directory: Path) -> TlsFiles:
     """Write a throwaway CA and a server certificate for 127.0.0.1 signed by it (EC P-256)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
+
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name(
         [x509.NameAttribute(NameOID.COMMON_NAME, "field-relay test CA")]
@@ -766,6 +762,7 @@ def write_tls_files(directory: Path) -> TlsFiles:
         )
         .sign(ca_key, hashes.SHA256())
     )
+
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder()
@@ -785,6 +782,7 @@ def write_tls_files(directory: Path) -> TlsFiles:
         )
         .sign(ca_key, hashes.SHA256())
     )
+
     files = TlsFiles(
         ca=directory / "ca.pem",
         certificate=directory / "server.pem",
