@@ -6,13 +6,17 @@ errors into one ``error:`` line on stderr with exit code 1.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import click
@@ -31,12 +35,14 @@ from firmware_bridge.pairing import (
     DeviceKey,
     PairingStore,
     load_export,
+    parse_device_id,
 )
 
 logger = logging.getLogger(__name__)
 
-INTERRUPTED_EXIT_CODE = 130
-"""Exit code after Ctrl-C, as shells report a process ended by SIGINT."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals after which `simulate` stops cleanly and exits with 128 + the signal
+number (130, 143, 129), as shells report a process that the signal ended."""
 
 
 def _data_dir_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,10 +79,16 @@ def pairing_store(data_dir: Path) -> PairingStore:
     is_flag=True,
     help="Give an already paired NAME a new id and key; its old key stops working.",
 )
+@click.option("--force", is_flag=True, help="Overwrite the --export file if it exists.")
 def pair_command(
-    data_dir: Path, name: str, export_path: Path | None, replace: bool
+    data_dir: Path, name: str, export_path: Path | None, replace: bool, force: bool
 ) -> None:
     """Pair a new device called NAME: create its random id and key and store them."""
+    if export_path is not None and not force and os.path.lexists(export_path):
+        _fail(
+            f"export file {str(export_path)!r} already exists, so nothing was "
+            "paired; pass --force to overwrite it, or choose another file"
+        )
     store = pairing_store(data_dir)
     try:
         prepare_data_dir(data_dir)
@@ -89,7 +101,7 @@ def pair_command(
     )
     if export_path is not None:
         try:
-            store.export(key.device_id, export_path)
+            store.export(key.device_id, export_path, overwrite=force)
         except BridgeError as exc:
             _fail(
                 f"{exc}; the device is paired, so export its key with "
@@ -105,22 +117,41 @@ def pair_command(
 @_data_dir_option
 @click.argument("device")
 def unpair_command(data_dir: Path, device: str) -> None:
-    """Forget the device with id or name DEVICE, so its key is rejected from now on."""
+    """Forget the device with id or name DEVICE, so its key is rejected from now on.
+
+    Given an id, it also removes a key file that is damaged.
+    """
+    store = pairing_store(data_dir)
+    device_id = parse_device_id(device)
+    key: DeviceKey | None
     try:
-        key = pairing_store(data_dir).forget(device)
+        if device_id is None:
+            key = store.forget(device)
+        else:
+            key = store.remove_key_file(device_id)
     except BridgeError as exc:
         _fail(exc)
-    click.echo(f"unpaired {key.name!r} (device {key.device_id_hex})")
+    if key is not None:
+        click.echo(f"unpaired {key.name!r} (device {key.device_id_hex})")
+    elif device_id is not None:
+        click.echo(
+            f"removed the unusable key file {store.key_path(device_id)}; device "
+            f"{device_id.hex()} is no longer paired"
+        )
 
 
 @click.command("export-key")
 @_data_dir_option
 @click.argument("device")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-def export_key_command(data_dir: Path, device: str, file: Path) -> None:
-    """Write the key of the device with id or name DEVICE to FILE (mode 0600)."""
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+def export_key_command(data_dir: Path, device: str, file: Path, force: bool) -> None:
+    """Write the key of the device with id or name DEVICE to FILE (mode 0600).
+
+    An existing FILE is kept unless --force is given.
+    """
     try:
-        key = pairing_store(data_dir).export(device, file)
+        key = pairing_store(data_dir).export(device, file, overwrite=force)
     except BridgeError as exc:
         _fail(exc)
     click.echo(f"exported the key of {key.name!r} ({key.device_id_hex}) to {file}")
@@ -129,16 +160,43 @@ def export_key_command(data_dir: Path, device: str, file: Path) -> None:
 @click.command("devices")
 @_data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
-def devices_command(data_dir: Path, as_json: bool) -> None:
-    """List paired devices, oldest first, without their keys."""
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit with code 1 if any key file is unusable; by default they are "
+    "reported on stderr and the exit code is 0.",
+)
+def devices_command(data_dir: Path, as_json: bool, strict: bool) -> None:
+    """List paired devices, oldest first, without their keys.
+
+    Each unusable key file gets one warning line on stderr with the fix.
+    """
     store = pairing_store(data_dir)
     try:
-        keys = store.list()
+        keys, unusable = store.scan()
     except BridgeError as exc:
         _fail(exc)
+    for problem in unusable:
+        click.echo(f"warning: {problem.error}", err=True)
+
     if as_json:
         rows = [_device_json(store, key) for key in keys]
         click.echo(json.dumps(rows, ensure_ascii=False))
+    else:
+        _print_device_table(store, keys, unusable_count=len(unusable))
+
+    if strict and unusable:
+        sys.exit(1)
+
+
+def _print_device_table(
+    store: PairingStore, keys: list[DeviceKey], unusable_count: int
+) -> None:
+    if not keys and unusable_count:
+        click.echo(
+            f"no usable paired devices in {store.directory}; fix or remove the "
+            f"{unusable_count} key file(s) named above"
+        )
         return
     if not keys:
         click.echo(
@@ -279,7 +337,8 @@ def simulate_command(
 ) -> None:
     """Run a simulated device that sends messages over the framed protocol.
 
-    It exits 0 once the appliance has acknowledged every message.
+    It exits 0 once the appliance has acknowledged every message, and 130, 143
+    or 129 after SIGINT, SIGTERM or SIGHUP, once the pty symlink is removed.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -287,36 +346,84 @@ def simulate_command(
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    try:
-        key = load_export(key_file)
-        messages = _messages(lines_file, count)
-        simulator = FramedDeviceSimulator(
-            key, port, messages, FaultOptions(**faults), rate=rate, baudrate=baud
+    # The handlers are in place before the port opens, so a signal at any
+    # point after the symlink exists still reaches simulator.stop().
+    with _record_stop_signals() as stop_request:
+        try:
+            key = load_export(key_file)
+            messages = _messages(lines_file, count)
+            simulator = FramedDeviceSimulator(
+                key, port, messages, FaultOptions(**faults), rate=rate, baudrate=baud
+            )
+            simulator.start()
+        except BridgeError as exc:
+            _fail(exc)
+        click.echo(
+            f"device {key.name!r} ({key.device_id_hex}) is on {simulator.port_path}",
+            err=True,
         )
-        simulator.start()
-    except BridgeError as exc:
-        _fail(exc)
-    click.echo(
-        f"device {key.name!r} ({key.device_id_hex}) is on {simulator.port_path}",
-        err=True,
-    )
-    started = time.monotonic()
-    try:
-        outcome = _wait(simulator, timeout)
-    except KeyboardInterrupt:
-        outcome = "interrupted"
-    finally:
-        simulator.stop()
+        started = time.monotonic()
+        try:
+            outcome = _wait(simulator, timeout, stop_request)
+        finally:
+            simulator.stop()
     click.echo(_summary(simulator, time.monotonic() - started))
-    if outcome == "interrupted":
-        sys.exit(INTERRUPTED_EXIT_CODE)
+    if outcome == "signal" and stop_request.signum is not None:
+        sys.exit(128 + stop_request.signum)
     if outcome != "finished":
         _fail(outcome)
 
 
-def _wait(simulator: FramedDeviceSimulator, timeout: float | None) -> str:
+class _StopRequest:
+    """The first stop signal that arrived, or None."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+@contextlib.contextmanager
+def _record_stop_signals() -> Iterator[_StopRequest]:
+    """Record the first of ``STOP_SIGNALS`` instead of ending the process.
+
+    The handler restores the previous disposition of its signal, so a second
+    SIGINT raises KeyboardInterrupt and a second SIGTERM or SIGHUP ends the
+    process at once, without cleanup. A signal that was ignored (as nohup
+    ignores SIGHUP) stays ignored. The handlers are restored on exit.
+    """
+    request = _StopRequest()
+    previous: dict[int, Any] = {}
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        if request.signum is None:
+            request.signum = signum
+        signal.signal(signum, previous[signum])
+
+    for stop_signal in STOP_SIGNALS:
+        handler = signal.getsignal(stop_signal)
+        if handler is signal.SIG_IGN:
+            continue
+        previous[stop_signal] = signal.SIG_DFL if handler is None else handler
+        signal.signal(stop_signal, record)
+    try:
+        yield request
+    finally:
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
+
+
+def _wait(
+    simulator: FramedDeviceSimulator, timeout: float | None, stop_request: _StopRequest
+) -> str:
+    """Wait until the run ends and return "finished", "signal" or the failure."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not simulator.finished.wait(0.2):
+        if stop_request.signum is not None:
+            logger.info(
+                "device %s: stopping on %s",
+                simulator.key.device_id_hex,
+                signal.Signals(stop_request.signum).name,
+            )
+            return "signal"
         if simulator.stopped.is_set():
             return f"the simulator stopped: {simulator.error}"
         if deadline is not None and time.monotonic() >= deadline:

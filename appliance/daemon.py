@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -368,15 +369,21 @@ class Daemon:
             return message
 
         def devices(args: dict[str, Any]) -> list[dict[str, Any]]:
-            pairing = PairingStore(self.data_dir / STORE_DIR_NAME)
-            return [
+            # scan() rather than list(): one damaged key file must not hide
+            # the other devices.
+            keys, unusable = PairingStore(self.data_dir / STORE_DIR_NAME).scan()
+            listed: list[dict[str, Any]] = [
                 {
                     "device_id": key.device_id_hex,
                     "name": key.name,
                     "created_at": key.created_at.isoformat(),
                 }
-                for key in pairing.list()
+                for key in keys
             ]
+            listed += [
+                {"file": str(bad.path), "error": str(bad.error)} for bad in unusable
+            ]
+            return listed
 
         def pair(args: dict[str, Any]) -> dict[str, str]:
             pairing = PairingStore(self.data_dir / STORE_DIR_NAME)
@@ -387,7 +394,12 @@ class Daemon:
 
         def forget(args: dict[str, Any]) -> str:
             pairing = PairingStore(self.data_dir / STORE_DIR_NAME)
-            key = pairing.forget(str(args["device"]))
+            device = str(args["device"])
+            if re.fullmatch(r"[0-9a-fA-F]{16}", device):
+                removed = pairing.remove_key_file(device)
+                name = removed.name if removed else "damaged key file"
+                return f"device {device.lower()} ({name}) unpaired"
+            key = pairing.forget(device)
             return f"device {key.device_id_hex} ({key.name}) unpaired"
 
         def scan(args: dict[str, Any]) -> dict[str, Any]:

@@ -5,14 +5,25 @@ the slave side by a symlink path (``<dir>/ttyDEVICE -> /dev/pts/N``) that the
 simulator owns. Closing the port removes the symlink and reopening creates a
 new pty behind the same path, as a USB serial adapter disappears on unplug and
 comes back under the same udev name. Any other port is opened with pyserial.
+
+A simulator owns a symlink path while it holds an exclusive ``flock`` on the
+lock file next to it (``<dir>/.ttyDEVICE.lock``, which contains its pid), from
+``open_device_port`` until ``release``, disconnects included. The kernel drops
+the lock when the process ends, even by SIGKILL. So a symlink whose lock no
+process holds is stale and may be replaced, and a second simulator cannot take
+over a path that a live one still publishes. Simulators from before this lock
+file existed take no lock, so they are not detected.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import fcntl
 import logging
 import os
 import select
+import shlex
 import stat
 import time
 from pathlib import Path
@@ -27,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 READ_CHUNK = 4096
 """Maximum bytes taken from the port per read."""
+PTY_DIRECTORY = "/dev/pts/"
+_LOCK_ATTEMPTS = 5
+"""Maximum attempts to lock a lock file that its previous owner deletes meanwhile."""
 
 
 class DevicePort(abc.ABC):
@@ -66,21 +80,41 @@ class DevicePort(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Close the port. Safe to call more than once."""
+        """Close the port, which ``reopen`` may open again. Safe to call more
+        than once."""
+
+    def release(self) -> None:
+        """Close the port for good and give up any claim on its path.
+
+        Safe to call more than once, and ``reopen`` fails afterwards.
+        """
+        self.close()
 
 
 class PtyLinkPort(DevicePort):
     """A pty published as a symlink, so the slave's name can change underneath.
 
     The symlink is replaced atomically (a new link renamed over the old one)
-    and removed on ``close``, as a device node disappears on unplug.
+    and removed on ``close``, as a device node disappears on unplug. The lock
+    file ``.<link name>.lock`` next to the symlink stays locked from the
+    constructor until ``release``.
+
+    Raises:
+        PortError: another live simulator holds the lock on ``link_path``.
+        OSError: the lock file or the symlink cannot be created.
     """
 
     def __init__(self, link_path: Path) -> None:
         self.path = str(link_path)
         self._link = link_path
         self._pty: PtyPair | None = None
-        self.reopen()
+        self._lock = PathLock(lock_path_for(link_path))
+        self._lock.acquire(link_path)
+        try:
+            self.reopen()
+        except BaseException:
+            self._lock.release()
+            raise
 
     @property
     def is_open(self) -> bool:
@@ -95,6 +129,11 @@ class PtyLinkPort(DevicePort):
         return f"{self.path} -> {self.pty_path or 'nothing (disconnected)'}"
 
     def reopen(self) -> None:
+        if not self._lock.held:
+            raise PortError(
+                f"the pty link {self.path!r} was released and cannot be reopened",
+                self.path,
+            )
         pty = PtyPair()
         os.set_blocking(pty.master_fd, False)
         temporary = self._link.with_name(f".{self._link.name}.{os.getpid()}.tmp")
@@ -136,6 +175,103 @@ class PtyLinkPort(DevicePort):
         except OSError:
             logger.debug("pty link %s was already gone", self._link)
         pty.close()
+
+    def release(self) -> None:
+        self.close()
+        self._lock.release()
+
+
+def lock_path_for(link_path: Path) -> Path:
+    """Return the lock file that guards the pty symlink ``link_path``."""
+    return link_path.with_name(f".{link_path.name}.lock")
+
+
+class PathLock:
+    """An exclusive, non-blocking ``flock`` on a lock file that contains the owner's pid.
+
+    ``release`` deletes the file while it is still locked. A process that
+    opened the file just before then locks a deleted inode, so ``acquire``
+    checks that the path still names the inode it locked and tries again if
+    not.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, link_path: Path) -> None:
+        """Lock the file, creating it if needed, and write this process's pid.
+
+        Raises:
+            PortError: another process holds the lock; the message names
+                ``link_path``, the owner's pid and the fix.
+            OSError: the lock file cannot be created or opened.
+        """
+        for _ in range(_LOCK_ATTEMPTS):
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_pid(fd)
+                os.close(fd)
+                raise _in_use_error(link_path, self.path, owner) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _names_same_file(fd, self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return
+            os.close(fd)
+        raise PortError(
+            f"cannot lock {str(self.path)!r}: other processes replaced it "
+            f"{_LOCK_ATTEMPTS} times while it was being locked; try again",
+            str(link_path),
+        )
+
+    def release(self) -> None:
+        """Delete the lock file and unlock it. Safe to call more than once."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if _names_same_file(fd, self.path):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(fd)
+
+
+def _names_same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _in_use_error(link_path: Path, lock_path: Path, owner: int | None) -> PortError:
+    owner_text = f"pid {owner}" if owner is not None else "another process"
+    return PortError(
+        f"cannot publish the device at {str(link_path)!r}: a running simulator "
+        f"({owner_text}) owns it and holds the lock {str(lock_path)!r}; stop "
+        "that simulator or pass another path with --port",
+        str(link_path),
+    )
 
 
 class SerialUrlPort(DevicePort):
@@ -195,26 +331,54 @@ def open_device_port(port: str, baudrate: int = 115200) -> DevicePort:
 
     A URL (``socket://``, ``rfc2217://``), a serial device or a symlink to one
     is opened with pyserial. A path that does not exist, or that is a symlink
-    into /dev/pts left by an earlier run, becomes a new pty published there.
+    into /dev/pts left by an earlier run, becomes a new pty published there,
+    unless a live simulator still holds that path's lock file.
 
     Raises:
-        PortError: something other than a symlink or a device is at the path,
-            or the port cannot be opened.
+        PortError: a directory, a regular file or a dangling symlink is at the
+            path, another simulator owns the path, or the port cannot be
+            opened. The message names ``port`` and the fix.
     """
     if "://" in port:
         return SerialUrlPort(port, baudrate)
     path = Path(port)
     if path.is_symlink():
-        if os.readlink(path).startswith("/dev/pts/"):
+        target = os.readlink(path)
+        if target.startswith(PTY_DIRECTORY):
             return _open_pty_link(path)
-        return SerialUrlPort(port, baudrate)
-    if not path.exists():
+        if not path.exists():
+            raise _dangling_symlink_error(port, target)
+    elif not path.exists():
         return _open_pty_link(path)
-    if stat.S_ISCHR(path.stat().st_mode):
+    mode = path.stat().st_mode
+    if stat.S_ISCHR(mode):
         return SerialUrlPort(port, baudrate)
+    if stat.S_ISDIR(mode):
+        raise PortError(
+            f"--port {port!r} is a directory; pass a path inside it at which to "
+            f"publish the pty symlink, such as {str(path / 'ttyDEVICE')!r}",
+            port,
+        )
     raise PortError(
-        f"cannot publish the device at {port!r}: a file that is not a symlink or "
-        "a serial device is in the way; pass a free path with --port",
+        f"cannot publish the device at {port!r}: it is a regular file or other "
+        "non-device file, not a serial device or a pty symlink; pass a path that "
+        "does not exist yet with --port, or move the file away",
+        port,
+    )
+
+
+def _dangling_symlink_error(port: str, target: str) -> PortError:
+    if target.startswith("/dev/"):
+        return PortError(
+            f"--port {port!r} is a symlink to {target!r}, which does not exist: "
+            f"plug that device in, or remove the symlink (`rm {shlex.quote(port)}`) "
+            "to publish a simulated pty there",
+            port,
+        )
+    return PortError(
+        f"--port {port!r} is a symlink to {target!r}, which does not exist and is "
+        f"not a device; remove the symlink (`rm {shlex.quote(port)}`) to publish a "
+        "simulated pty there, or pass another path with --port",
         port,
     )
 

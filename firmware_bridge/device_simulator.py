@@ -328,12 +328,13 @@ class FramedDeviceSimulator:
         )
 
     def stop(self) -> None:
-        """Stop the thread and close the port. Safe to call more than once."""
+        """Stop the thread and release the port, removing a pty symlink and its
+        lock file. Safe to call more than once."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         if self._port is not None:
-            self._port.close()
+            self._port.release()
 
     def __enter__(self) -> FramedDeviceSimulator:
         self.start()

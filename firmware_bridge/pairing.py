@@ -14,9 +14,11 @@ fields.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -24,6 +26,7 @@ import os
 import re
 import shlex
 import stat
+import string
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -49,6 +52,13 @@ _DEVICE_ID_PATTERN = re.compile(r"[0-9a-fA-F]{16}")
 _LOCK_NAME = ".lock"
 _ID_ATTEMPTS = 8
 """Random ids drawn before giving up when each one is already taken."""
+_EXPORT_FIX = "write it again with `appliance export-key DEVICE FILE`"
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+"""``os.link`` errors of file systems that cannot hard-link, such as FAT."""
+
+
+class _DamagedKeyFile(ValueError):
+    """Unusable content in a key file, with a message naming the file and the fault."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +86,17 @@ class DeviceKey:
             "name": self.name,
             "created_at": self.created_at.isoformat(),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class UnusableKeyFile:
+    """A key file in a pairing store that cannot be read, parsed or trusted."""
+
+    path: Path
+    device_id: bytes
+    """The id in the file's name, which ``PairingStore.remove_key_file`` accepts."""
+    error: PairingError
+    """The reason the file is unusable, with a message naming the file and the fix."""
 
 
 def validate_name(name: str) -> None:
@@ -108,15 +129,25 @@ def load_export(path: Path) -> DeviceKey:
     Raises:
         PairingError: the file is missing, unreadable, readable by group or
             other users, not JSON, of another format version, or has an id or
-            key of the wrong size. The message names the file and the fix.
+            key of the wrong size. The message names the file and the fix, and
+            never contains key material.
     """
-    return _read_key_file(Path(path))
+    return _read_key_file(Path(path), _EXPORT_FIX)
 
 
-def _read_key_file(path: Path) -> DeviceKey:
+def _read_key_file(
+    path: Path, damaged_fix: str, require_private: bool = True
+) -> DeviceKey:
+    """Read and parse one key file.
+
+    ``damaged_fix`` ends the message when the content is unusable. Without
+    ``require_private`` a file that other users may access is read anyway.
+    Only name checks and removal may do that, and they must not use its key.
+    """
     try:
         with open(path, "rb") as handle:
-            _check_private(path, os.fstat(handle.fileno()))
+            if require_private:
+                _check_private(path, os.fstat(handle.fileno()))
             raw = handle.read()
     except FileNotFoundError:
         raise PairingError(
@@ -128,14 +159,28 @@ def _read_key_file(path: Path) -> DeviceKey:
             f"cannot read key file {str(path)!r}: {exc.strerror}"
         ) from exc
     try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PairingError(
-            f"key file {str(path)!r} is not valid JSON ({exc}); write it again "
-            "with `appliance export-key DEVICE FILE`, or pair the device again "
-            "with `appliance pair NAME --replace`"
+        return _parse_document(path, _decode_json(path, raw))
+    except _DamagedKeyFile as exc:
+        raise PairingError(f"{exc}; {damaged_fix}") from None
+
+
+def _decode_json(path: Path, raw: bytes) -> object:
+    # The decoder's own messages would quote the offending byte, which may
+    # belong to the key, so only its position is reported.
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _DamagedKeyFile(
+            f"key file {str(path)!r} is not valid JSON: it is not UTF-8 text "
+            f"(invalid byte at offset {exc.start})"
         ) from None
-    return _parse_document(path, document)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _DamagedKeyFile(
+            f"key file {str(path)!r} is not valid JSON ({exc.msg} at line "
+            f"{exc.lineno}, column {exc.colno})"
+        ) from None
 
 
 def _check_private(path: Path, status: os.stat_result) -> None:
@@ -149,34 +194,64 @@ def _check_private(path: Path, status: os.stat_result) -> None:
 
 def _parse_document(path: Path, document: object) -> DeviceKey:
     if not isinstance(document, dict):
-        raise PairingError(f"key file {str(path)!r} does not contain a JSON object")
+        raise _DamagedKeyFile(f"key file {str(path)!r} does not contain a JSON object")
     version = document.get("format_version")
     if version != FORMAT_VERSION:
-        raise PairingError(
+        raise _DamagedKeyFile(
             f"key file {str(path)!r} has format_version {version!r}; this "
             f"version of Field Relay reads only {FORMAT_VERSION}"
         )
     device_id = _hex_field(path, document, "device_id", DEVICE_ID_SIZE)
-    psk = _hex_field(path, document, "key", PSK_SIZE)
+    psk = _hex_field(path, document, "key", PSK_SIZE, secret=True)
     name = document.get("name")
     if not isinstance(name, str):
-        raise PairingError(f"key file {str(path)!r} has no text field 'name'")
+        raise _DamagedKeyFile(f"key file {str(path)!r} has no text field 'name'")
     created_at = _time_field(path, document.get("created_at"))
     return DeviceKey(device_id, psk, name, created_at)
 
 
-def _hex_field(path: Path, document: dict[str, Any], field: str, size: int) -> bytes:
+def _hex_field(
+    path: Path, document: dict[str, Any], field: str, size: int, secret: bool = False
+) -> bytes:
+    """Decode a hex field of ``size`` bytes.
+
+    The error for a ``secret`` field gives only the value's length, because
+    the appliance logs it on every handshake of that device.
+    """
     value = document.get(field)
     try:
         decoded = bytes.fromhex(value) if isinstance(value, str) else None
     except ValueError:
         decoded = None
     if decoded is None or len(decoded) != size:
-        raise PairingError(
+        raise _DamagedKeyFile(
             f"key file {str(path)!r}: field {field!r} must be {size} bytes as "
-            f"{size * 2} hex digits, not {value!r:.40}"
+            f"{size * 2} hex digits, but {_describe_bad_hex(value, secret)}"
         )
     return decoded
+
+
+def _describe_bad_hex(value: object, secret: bool) -> str:
+    if value is None:
+        return "it is missing or null"
+    if not isinstance(value, str):
+        return f"it is a JSON {_json_type_name(value)}"
+    if not secret:
+        return f"it is {value!r:.40}"
+    digits = "".join(value.split())
+    if all(character in string.hexdigits for character in digits):
+        return f"it has {len(digits)} hex digits"
+    return f"it has {len(value)} characters, not all of them hex digits"
+
+
+def _json_type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    return "object"
 
 
 def _time_field(path: Path, value: object) -> datetime.datetime:
@@ -190,7 +265,7 @@ def _time_field(path: Path, value: object) -> datetime.datetime:
     except ValueError:
         parsed = None
     if parsed is None:
-        raise PairingError(
+        raise _DamagedKeyFile(
             f"key file {str(path)!r}: field 'created_at' must be an ISO 8601 time, "
             f"not {value!r}"
         )
@@ -199,15 +274,26 @@ def _time_field(path: Path, value: object) -> datetime.datetime:
     return parsed
 
 
-def _write_private_json(path: Path, document: dict[str, Any]) -> None:
+def _store_file_fix(path: Path) -> str:
+    return (
+        f"delete it, or run `appliance unpair {path.stem}` to remove it, then "
+        "pair that device again"
+    )
+
+
+def _write_private_json(
+    path: Path, document: dict[str, Any], overwrite: bool = True
+) -> None:
     """Write ``document`` to ``path`` with mode 0600, atomically.
 
     The JSON goes to a temporary file in the same directory, is flushed to
-    disk, and replaces ``path`` with ``os.replace``. On failure the temporary
-    file is removed and ``path`` is unchanged.
+    disk, and replaces ``path`` with ``os.replace``, or without ``overwrite``
+    is hard-linked to ``path``, which fails if ``path`` exists. On failure the
+    temporary file is removed and ``path`` is unchanged.
 
     Raises:
-        PairingError: the file cannot be written, naming it and the reason.
+        PairingError: the file cannot be written, or exists and ``overwrite``
+            is false, naming it and the reason.
     """
     data = (json.dumps(document, indent=2) + "\n").encode("utf-8")
     # mkstemp creates the file with mode 0600, and the umask can only clear bits.
@@ -224,7 +310,17 @@ def _write_private_json(path: Path, document: dict[str, Any]) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp_name, path)
+        if overwrite:
+            os.replace(temp_name, path)
+        else:
+            _rename_no_replace(temp_name, path)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise PairingError(
+            f"file {str(path)!r} already exists; pass --force to overwrite it, "
+            "or choose another file"
+        ) from None
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
@@ -232,6 +328,24 @@ def _write_private_json(path: Path, document: dict[str, Any]) -> None:
             f"cannot write key file {str(path)!r}: {exc.strerror}"
         ) from exc
     _fsync_directory(path.parent)
+
+
+def _rename_no_replace(source: str, target: Path) -> None:
+    """Rename ``source`` to ``target``, raising ``FileExistsError`` if it exists."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # NOTE: without hard links the check and the rename are two steps, so
+        # a file created at ``target`` between them is replaced.
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from exc
+        os.replace(source, target)
+        return
+    os.unlink(source)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -254,8 +368,16 @@ class PairingStore:
     ``lookup`` serves the protocol on every HELLO from a cache that one
     ``os.stat`` of the key file keeps current, so a device paired, replaced or
     forgotten by another process takes effect at its next handshake. Changes
-    (``pair``, ``forget``) hold an exclusive ``flock`` on ``<directory>/.lock``,
-    so two ``appliance pair`` commands cannot both take one name.
+    (``pair``, ``forget``, ``remove_key_file``) hold an exclusive ``flock`` on
+    ``<directory>/.lock``, so two ``appliance pair`` commands cannot both take
+    one name.
+
+    An unusable key file (damaged, or open to other users) does not stop
+    ``pair``, ``forget``, ``get`` or ``export`` for other devices, and ``scan``
+    reports it, but ``list`` and ``lookup`` of its own id raise. Looking up a
+    name skips files that cannot be parsed and logs a warning, but still reads
+    names from files that are only open to other users, because ``chmod 600``
+    would bring those back.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -274,7 +396,9 @@ class PairingStore:
 
         Raises:
             PairingError: the name is invalid, already paired (without
-                ``replace``), or the key file cannot be written.
+                ``replace``), or the key file cannot be written. Key files that
+                cannot be parsed are skipped with a warning, so a name that
+                one of them held may be paired again.
         """
         validate_name(name)
         with self._locked():
@@ -294,7 +418,7 @@ class PairingStore:
             )
             _write_private_json(self.key_path(key.device_id), key.to_json())
             if previous is not None:
-                self._remove(previous)
+                self._remove(previous.device_id)
         logger.info("paired device %s as %s", name, key.device_id_hex)
         return key
 
@@ -338,9 +462,31 @@ class PairingStore:
 
         Raises:
             PairingError: a key file is unusable, naming it and the fix.
+                ``scan`` lists the usable devices in that case.
         """
-        keys = [self._read(path) for path in self._key_files()]
-        return sorted(keys, key=lambda key: (key.created_at, key.name))
+        keys, unusable = self.scan()
+        if unusable:
+            raise unusable[0].error
+        return keys
+
+    def scan(self) -> tuple[builtins.list[DeviceKey], builtins.list[UnusableKeyFile]]:
+        """Read every key file and return the usable devices, oldest first,
+        and the unusable files in file name order.
+
+        Raises:
+            PairingError: the pairing directory is open to other users or
+                cannot be read.
+        """
+        keys = []
+        unusable = []
+        for path in self._key_files():
+            try:
+                keys.append(self._read(path))
+            except PairingError as exc:
+                device_id = bytes.fromhex(path.stem)
+                unusable.append(UnusableKeyFile(path, device_id, exc))
+        keys.sort(key=lambda key: (key.created_at, key.name))
+        return keys, unusable
 
     def get(self, device: bytes | str) -> DeviceKey:
         """Return the device with this id (bytes or 16 hex digits) or name.
@@ -348,52 +494,118 @@ class PairingStore:
         Raises:
             PairingError: no such device is paired, or its key file is unusable.
         """
-        device_id = _as_device_id(device)
+        device_id = parse_device_id(device)
         if device_id is not None:
             key = self._load(self.key_path(device_id))
             if key is not None:
                 return key
         if isinstance(device, str):
-            key = self._find_name(device)
-            if key is not None:
-                return key
-        label = device.hex() if isinstance(device, bytes) else device
-        raise PairingError(
-            f"no paired device with id or name {label!r} in "
-            f"{str(self.directory)!r}; list them with `appliance devices`"
-        )
+            match = self._find_name(device)
+            if match is not None:
+                # The name may come from a file open to other users, whose
+                # key must not be handed out: read it again with all checks.
+                return self._read(self.key_path(match.device_id))
+        raise self._not_found(device)
 
     def forget(self, device: bytes | str) -> DeviceKey:
         """Remove a device by id or name so its key is rejected from now on.
 
         Returns the removed device. A session already established with it
-        lasts until its next handshake.
+        lasts until its next handshake. A key file that other users may access
+        is removed as well.
 
         Raises:
-            PairingError: no such device is paired, or its file cannot be removed.
+            PairingError: no such device is paired, its key file cannot be
+                parsed (``remove_key_file`` removes it by id), or its file
+                cannot be removed.
         """
         with self._locked():
-            key = self.get(device)
-            self._remove(key)
+            key = self._find(device)
+            if key is None:
+                raise self._not_found(device)
+            self._remove(key.device_id)
         logger.info("forgot device %s (%s)", key.name, key.device_id_hex)
         return key
 
-    def export(self, device: bytes | str, path: Path) -> DeviceKey:
+    def remove_key_file(self, device_id: bytes | str) -> DeviceKey | None:
+        """Remove the key file of ``device_id`` (bytes or 16 hex digits),
+        whatever its content.
+
+        Returns the device if the file could be parsed, or None if it was
+        damaged. Either way the device's key is rejected from now on.
+
+        Raises:
+            PairingError: ``device_id`` is not an id, no key file has that id,
+                or the file cannot be removed.
+        """
+        parsed_id = parse_device_id(device_id)
+        if parsed_id is None:
+            raise PairingError(
+                f"{device_id!r} is not a device id; pass the 16 hex digits "
+                "that `appliance devices` shows"
+            )
+        path = self.key_path(parsed_id)
+        with self._locked():
+            if not os.path.lexists(path):
+                raise self._not_found(device_id)
+            try:
+                key = self._read(path, require_private=False)
+            except PairingError as exc:
+                logger.info("removing unusable key file %s: %s", path, exc)
+                key = None
+            self._remove(parsed_id)
+        logger.info("removed key file %s", path)
+        return key
+
+    def export(
+        self, device: bytes | str, path: Path, overwrite: bool = True
+    ) -> DeviceKey:
         """Write a device's key to ``path`` for the simulator or firmware.
 
         The export has mode 0600 and is written atomically; ``load_export``
-        reads it back.
+        reads it back. Without ``overwrite`` an existing ``path`` is kept and
+        an error raised.
 
         Raises:
-            PairingError: no such device is paired, or ``path`` cannot be written.
+            PairingError: no such device is paired, ``path`` exists and
+                ``overwrite`` is false, or ``path`` cannot be written.
         """
         key = self.get(device)
-        _write_private_json(Path(path), key.to_json())
+        _write_private_json(Path(path), key.to_json(), overwrite=overwrite)
         logger.info("exported the key of device %s to %s", key.name, path)
         return key
 
-    def _read(self, path: Path) -> DeviceKey:
-        key = _read_key_file(path)
+    def _find(self, device: bytes | str) -> DeviceKey | None:
+        """Return the device with this id or name, reading files open to other
+        users too, or None."""
+        device_id = parse_device_id(device)
+        if device_id is not None:
+            path = self.key_path(device_id)
+            if path.exists():
+                return self._read(path, require_private=False)
+        if isinstance(device, str):
+            return self._find_name(device)
+        return None
+
+    def _not_found(self, device: bytes | str) -> PairingError:
+        label = device.hex() if isinstance(device, bytes) else device
+        message = (
+            f"no paired device with id or name {label!r} in "
+            f"{str(self.directory)!r}; list them with `appliance devices`"
+        )
+        unusable = self._count_unusable()
+        if unusable:
+            message += f", which also lists the {unusable} unusable key file(s)"
+        return PairingError(message)
+
+    def _count_unusable(self) -> int:
+        try:
+            return len(self.scan()[1])
+        except PairingError:
+            return 0
+
+    def _read(self, path: Path, require_private: bool = True) -> DeviceKey:
+        key = _read_key_file(path, _store_file_fix(path), require_private)
         if path.name != f"{key.device_id_hex}.json":
             raise PairingError(
                 f"key file {str(path)!r} contains device id {key.device_id_hex}, "
@@ -420,7 +632,22 @@ class PairingStore:
         )
 
     def _find_name(self, name: str) -> DeviceKey | None:
-        for key in self.list():
+        """Return the device called ``name``, or None.
+
+        Files open to other users are read for their names, so ``chmod 600``
+        cannot bring back a second device with the same name. Files that
+        cannot be parsed are skipped with a warning.
+        """
+        for path in self._key_files():
+            try:
+                key = self._read(path, require_private=False)
+            except PairingError as exc:
+                logger.warning(
+                    "skipped an unusable key file while looking for device name %r: %s",
+                    name,
+                    exc,
+                )
+                continue
             if key.name == name:
                 return key
         return None
@@ -435,8 +662,8 @@ class PairingStore:
             f"{str(self.directory)!r}; check that os.urandom works"
         )
 
-    def _remove(self, key: DeviceKey) -> None:
-        path = self.key_path(key.device_id)
+    def _remove(self, device_id: bytes) -> None:
+        path = self.key_path(device_id)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -445,7 +672,7 @@ class PairingStore:
             raise PairingError(
                 f"cannot remove key file {str(path)!r}: {exc.strerror}"
             ) from exc
-        self._forget_cached(key.device_id)
+        self._forget_cached(device_id)
         _fsync_directory(self.directory)
 
     def _forget_cached(self, device_id: bytes) -> None:
@@ -500,7 +727,9 @@ class PairingStore:
             os.close(fd)
 
 
-def _as_device_id(device: bytes | str) -> bytes | None:
+def parse_device_id(device: bytes | str) -> bytes | None:
+    """Return ``device`` as an 8-byte id if it is one, in bytes or 16 hex digits,
+    or None."""
     if isinstance(device, bytes):
         return device if len(device) == DEVICE_ID_SIZE else None
     if _DEVICE_ID_PATTERN.fullmatch(device):

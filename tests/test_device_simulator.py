@@ -9,6 +9,7 @@ SQLite.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import serial
 
+from firmware_bridge.device_ports import lock_path_for, open_device_port
 from firmware_bridge.device_simulator import FaultOptions, FramedDeviceSimulator
 from firmware_bridge.errors import PortError
 from firmware_bridge.pairing import DeviceKey, PairingStore
@@ -422,6 +424,197 @@ def test_cli_simulate_until_acknowledged(appliance, key, tmp_path, link_path):
         b"second",
     ]
     assert stdout.startswith("acknowledged 50 of 50 messages")
+
+
+def test_stop_removes_lock_file(key, link_path):
+    simulator = FramedDeviceSimulator(key, link_path, numbered(1))
+
+    simulator.start()
+    assert lock_path_for(Path(link_path)).read_text() == f"{os.getpid()}\n"
+    simulator.stop()
+
+    assert not lock_path_for(Path(link_path)).exists()
+
+
+def test_second_simulator_on_live_path_rejected(key, link_path):
+    first = FramedDeviceSimulator(key, link_path, numbered(1))
+    second = FramedDeviceSimulator(key, link_path, numbered(1))
+
+    with first:
+        target = os.readlink(link_path)
+        with pytest.raises(PortError) as raised:
+            second.start()
+        target_after = os.readlink(link_path)
+
+    assert repr(link_path) in str(raised.value)
+    assert f"pid {os.getpid()}" in str(raised.value)
+    assert target_after == target
+
+
+def test_path_free_after_first_stops(key, link_path):
+    with FramedDeviceSimulator(key, link_path, numbered(1)):
+        pass
+    second = FramedDeviceSimulator(key, link_path, numbered(1))
+
+    with second:
+        target = os.readlink(link_path)
+
+    assert target.startswith("/dev/pts/")
+
+
+def test_disconnected_path_stays_owned(key, link_path):
+    owner = open_device_port(link_path)
+    owner.close()
+    try:
+        assert not os.path.lexists(link_path)
+        with pytest.raises(PortError) as raised:
+            open_device_port(link_path)
+    finally:
+        owner.release()
+
+    assert repr(link_path) in str(raised.value)
+
+
+def test_released_port_cannot_reopen(link_path):
+    port = open_device_port(link_path)
+    port.release()
+
+    with pytest.raises(PortError):
+        port.reopen()
+
+    assert not os.path.lexists(link_path)
+
+
+def test_unheld_lock_file_is_stale(key, link_path):
+    os.symlink("/dev/pts/999", link_path)
+    lock_path_for(Path(link_path)).write_text("999999\n")
+
+    with FramedDeviceSimulator(key, link_path, numbered(1)):
+        target = os.readlink(link_path)
+
+    assert target != "/dev/pts/999"
+    assert not lock_path_for(Path(link_path)).exists()
+
+
+def test_directory_port_rejected(key, tmp_path):
+    simulator = FramedDeviceSimulator(key, str(tmp_path), numbered(1))
+
+    with pytest.raises(PortError) as raised:
+        simulator.start()
+
+    message = str(raised.value)
+    assert repr(str(tmp_path)) in message
+    assert "is a directory" in message
+    assert str(tmp_path / "ttyDEVICE") in message
+
+
+def test_dangling_symlink_port_rejected(key, tmp_path):
+    link = tmp_path / "ttyOLD"
+    link.symlink_to(tmp_path / "gone")
+    simulator = FramedDeviceSimulator(key, str(link), numbered(1))
+
+    with pytest.raises(PortError) as raised:
+        simulator.start()
+
+    message = str(raised.value)
+    assert repr(str(link)) in message
+    assert repr(str(tmp_path / "gone")) in message
+    assert f"rm {link}" in message
+    assert "plugged in" not in message
+
+
+def test_dangling_device_symlink_port_rejected(key, tmp_path):
+    link = tmp_path / "ttyADAPTER"
+    link.symlink_to("/dev/ttyUSB-field-relay-missing")
+    simulator = FramedDeviceSimulator(key, str(link), numbered(1))
+
+    with pytest.raises(PortError) as raised:
+        simulator.start()
+
+    assert "plug that device in" in str(raised.value)
+    assert f"rm {link}" in str(raised.value)
+
+
+def start_cli_simulator(key_file: Path, link_path: str) -> subprocess.Popen[str]:
+    """Start `appliance simulate` on ``link_path`` and wait for its symlink."""
+    process = subprocess.Popen(
+        [APPLIANCE, "simulate", "--port", link_path, "--key", str(key_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A background job of a non-interactive shell inherits SIGINT ignored,
+        # and simulate keeps ignored signals ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not os.path.lexists(link_path) and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            break
+        time.sleep(0.02)
+    return process
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, key: DeviceKey) -> Path:
+    path = tmp_path / "sim-1.json"
+    PairingStore(tmp_path / "devices").export(key.device_id, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("stop_signal", "exit_code"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+)
+def test_cli_simulate_signal_removes_symlink(
+    key_file, link_path, stop_signal, exit_code
+):
+    process = start_cli_simulator(key_file, link_path)
+    assert process.poll() is None
+
+    process.send_signal(stop_signal)
+    stdout, stderr = process.communicate(timeout=WAIT_SECONDS)
+
+    assert process.returncode == exit_code, stderr
+    assert stdout.startswith("acknowledged 0 of")
+    assert not os.path.lexists(link_path)
+    assert not lock_path_for(Path(link_path)).exists()
+
+
+def test_cli_simulate_live_path_rejected(key_file, link_path):
+    first = start_cli_simulator(key_file, link_path)
+    try:
+        target = os.readlink(link_path)
+        second = subprocess.run(
+            [APPLIANCE, "simulate", "--port", link_path, "--key", str(key_file)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_SECONDS,
+        )
+        target_after = os.readlink(link_path)
+    finally:
+        first.terminate()
+        first.communicate(timeout=WAIT_SECONDS)
+
+    assert second.returncode == 1
+    assert second.stderr.startswith(
+        f"error: cannot publish the device at {link_path!r}"
+    )
+    assert f"pid {first.pid}" in second.stderr
+    assert target_after == target
+
+
+def test_killed_simulator_path_reused(key, key_file, link_path):
+    process = start_cli_simulator(key_file, link_path)
+    process.kill()
+    process.communicate(timeout=WAIT_SECONDS)
+    assert os.path.lexists(link_path)
+
+    with FramedDeviceSimulator(key, link_path, numbered(1)):
+        target = os.readlink(link_path)
+
+    assert target.startswith("/dev/pts/")
+    assert not os.path.lexists(link_path)
 
 
 @pytest.mark.slow

@@ -465,6 +465,19 @@ def test_cli_devices_world_readable_key(tmp_path: Path):
 
     result = invoke("devices", "--data-dir", str(tmp_path))
 
+    assert result.exit_code == 0
+    assert f"chmod 600 {path}" in result.stderr
+    assert "no usable paired devices" in result.stdout
+
+
+def test_cli_devices_strict_world_readable_key(tmp_path: Path):
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+    key = PairingStore(tmp_path / "devices").list()[0]
+    path = tmp_path / "devices" / f"{key.device_id.hex()}.json"
+    path.chmod(0o644)
+
+    result = invoke("devices", "--strict", "--data-dir", str(tmp_path))
+
     assert result.exit_code == 1
     assert f"chmod 600 {path}" in result.stderr
 
@@ -492,4 +505,356 @@ def test_cli_export_key(tmp_path: Path):
     result = invoke("export-key", "pump-1", str(export), "--data-dir", str(tmp_path))
 
     assert result.exit_code == 0
+    assert load_export(export).name == "pump-1"
+
+
+SECRET_HEX = "5ec7e7" * 10
+"""A recognisable wrong-length key: 60 hex digits instead of 64."""
+
+
+def test_bad_key_field_hides_value(tmp_path: Path):
+    document = valid_document()
+    document["key"] = SECRET_HEX
+    path = write_export(tmp_path / "key.json", document)
+
+    with pytest.raises(PairingError) as raised:
+        load_export(path)
+
+    message = str(raised.value)
+    assert "5ec7e7" not in message
+    assert "'key' must be 32 bytes as 64 hex digits" in message
+    assert "it has 60 hex digits" in message
+
+
+def test_non_hex_key_field_hides_value(tmp_path: Path):
+    document = valid_document()
+    document["key"] = "zz5ec7" + "11" * 29
+    path = write_export(tmp_path / "key.json", document)
+
+    with pytest.raises(PairingError) as raised:
+        load_export(path)
+
+    message = str(raised.value)
+    assert "5ec7" not in message
+    assert "it has 64 characters, not all of them hex digits" in message
+
+
+def test_lookup_bad_key_hides_value(store: PairingStore):
+    key = store.pair("pump-1")
+    path = store.key_path(key.device_id)
+    document = json.loads(path.read_text())
+    document["key"] = key.psk.hex()[:-2]
+    path.write_text(json.dumps(document))
+
+    with pytest.raises(PairingError) as raised:
+        store.lookup(key.device_id)
+
+    message = str(raised.value)
+    assert key.psk.hex()[:8] not in message
+    assert "it has 62 hex digits" in message
+
+
+def test_non_utf8_key_file_hides_byte(tmp_path: Path):
+    path = tmp_path / "key.json"
+    path.write_bytes(b'{"key": "\xa7')
+    path.chmod(0o600)
+
+    with pytest.raises(PairingError) as raised:
+        load_export(path)
+
+    message = str(raised.value)
+    assert "0xa7" not in message
+    assert "offset 9" in message
+
+
+def damage(store: PairingStore, name: str) -> Path:
+    """Pair ``name`` and overwrite its key file with text that is not JSON."""
+    path = store.key_path(store.pair(name).device_id)
+    path.write_text("{truncated")
+    return path
+
+
+def test_scan_separates_unusable_files(store: PairingStore):
+    damaged = damage(store, "broken")
+    good = store.pair("pump-1")
+
+    keys, unusable = store.scan()
+
+    assert [key.device_id for key in keys] == [good.device_id]
+    assert [problem.path for problem in unusable] == [damaged]
+    assert unusable[0].device_id.hex() == damaged.stem
+    assert f"appliance unpair {damaged.stem}" in str(unusable[0].error)
+
+
+def test_list_raises_on_damaged_file(store: PairingStore):
+    damaged = damage(store, "broken")
+
+    with pytest.raises(PairingError) as raised:
+        store.list()
+
+    assert str(damaged) in str(raised.value)
+
+
+def test_pair_with_damaged_file_elsewhere(store: PairingStore):
+    damage(store, "broken")
+
+    key = store.pair("pump-1")
+
+    assert store.lookup(key.device_id) == key.psk
+
+
+def test_pair_taken_name_beside_damaged(store: PairingStore):
+    damage(store, "broken")
+    store.pair("pump-1")
+
+    with pytest.raises(PairingError) as raised:
+        store.pair("pump-1")
+
+    assert "already paired" in str(raised.value)
+
+
+def test_pair_name_of_open_mode_file_rejected(store: PairingStore):
+    key = store.pair("pump-1")
+    store.key_path(key.device_id).chmod(0o644)
+
+    with pytest.raises(PairingError) as raised:
+        store.pair("pump-1")
+
+    assert key.device_id.hex() in str(raised.value)
+
+
+def test_get_by_name_rejects_open_mode_file(store: PairingStore):
+    key = store.pair("pump-1")
+    path = store.key_path(key.device_id)
+    path.chmod(0o644)
+
+    with pytest.raises(PairingError) as raised:
+        store.get("pump-1")
+
+    assert f"chmod 600 {path}" in str(raised.value)
+
+
+def test_forget_by_name_beside_damaged(store: PairingStore):
+    damaged = damage(store, "broken")
+    key = store.pair("pump-1")
+
+    store.forget("pump-1")
+
+    assert not store.key_path(key.device_id).exists()
+    assert damaged.exists()
+
+
+def test_forget_open_mode_file_by_name(store: PairingStore):
+    key = store.pair("pump-1")
+    store.key_path(key.device_id).chmod(0o644)
+
+    store.forget("pump-1")
+
+    assert not store.key_path(key.device_id).exists()
+
+
+def test_remove_key_file_damaged(store: PairingStore):
+    damaged = damage(store, "broken")
+
+    removed = store.remove_key_file(damaged.stem)
+
+    assert removed is None
+    assert not damaged.exists()
+
+
+def test_remove_key_file_readable(store: PairingStore):
+    key = store.pair("pump-1")
+
+    removed = store.remove_key_file(key.device_id)
+
+    assert removed == key
+    assert store.lookup(key.device_id) is None
+
+
+def test_remove_key_file_unknown_id(store: PairingStore):
+    store.pair("pump-1")
+
+    with pytest.raises(PairingError) as raised:
+        store.remove_key_file("00000000000000ff")
+
+    assert "'00000000000000ff'" in str(raised.value)
+
+
+def test_not_found_counts_unusable_files(store: PairingStore):
+    damage(store, "broken")
+
+    with pytest.raises(PairingError) as raised:
+        store.get("pump-9")
+
+    assert "1 unusable key file" in str(raised.value)
+
+
+def test_export_keeps_existing_file(store: PairingStore, tmp_path: Path):
+    store.pair("pump-1")
+    target = tmp_path / "out.json"
+    target.write_text("kept")
+
+    with pytest.raises(PairingError) as raised:
+        store.export("pump-1", target, overwrite=False)
+
+    assert str(target) in str(raised.value)
+    assert target.read_text() == "kept"
+    assert [path.name for path in tmp_path.iterdir() if ".tmp" in path.name] == []
+
+
+def test_export_keeps_dangling_symlink(store: PairingStore, tmp_path: Path):
+    store.pair("pump-1")
+    target = tmp_path / "out.json"
+    target.symlink_to(tmp_path / "missing.json")
+
+    with pytest.raises(PairingError):
+        store.export("pump-1", target, overwrite=False)
+
+    assert not (tmp_path / "missing.json").exists()
+
+
+def test_export_new_file_without_overwrite(store: PairingStore, tmp_path: Path):
+    key = store.pair("pump-1")
+    target = tmp_path / "out.json"
+
+    store.export("pump-1", target, overwrite=False)
+
+    assert load_export(target) == key
+    assert mode_of(target) == 0o600
+
+
+def cli_damage(data_dir: Path) -> Path:
+    return damage(PairingStore(data_dir / "devices"), "broken")
+
+
+def test_cli_devices_beside_damaged(tmp_path: Path):
+    damaged = cli_damage(tmp_path)
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+
+    result = invoke("devices", "--data-dir", str(tmp_path))
+
+    assert result.exit_code == 0
+    assert "pump-1" in result.stdout
+    assert "broken" not in result.stdout
+    assert result.stderr.startswith("warning: ")
+    assert str(damaged) in result.stderr
+    assert f"appliance unpair {damaged.stem}" in result.stderr
+
+
+def test_cli_devices_json_beside_damaged(tmp_path: Path):
+    cli_damage(tmp_path)
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+
+    result = invoke("devices", "--json", "--data-dir", str(tmp_path))
+
+    assert [row["name"] for row in json.loads(result.stdout)] == ["pump-1"]
+    assert "warning: " in result.stderr
+
+
+def test_cli_devices_strict_damaged(tmp_path: Path):
+    cli_damage(tmp_path)
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+
+    result = invoke("devices", "--strict", "--data-dir", str(tmp_path))
+
+    assert result.exit_code == 1
+    assert "pump-1" in result.stdout
+
+
+def test_cli_unpair_damaged_by_id(tmp_path: Path):
+    damaged = cli_damage(tmp_path)
+
+    result = invoke("unpair", damaged.stem, "--data-dir", str(tmp_path))
+
+    assert result.exit_code == 0, result.stderr
+    assert str(damaged) in result.stdout
+    assert not damaged.exists()
+
+
+def test_cli_unpair_by_name_beside_damaged(tmp_path: Path):
+    cli_damage(tmp_path)
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+
+    result = invoke("unpair", "pump-1", "--data-dir", str(tmp_path))
+
+    assert result.exit_code == 0, result.stderr
+    assert "'pump-1'" in result.stdout
+
+
+def test_cli_pair_beside_damaged(tmp_path: Path):
+    cli_damage(tmp_path)
+
+    result = invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+
+    assert result.exit_code == 0, result.stderr
+    keys, _ = PairingStore(tmp_path / "devices").scan()
+    assert [key.name for key in keys] == ["pump-1"]
+
+
+def test_cli_export_key_beside_damaged(tmp_path: Path):
+    cli_damage(tmp_path)
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+    export = tmp_path / "out.json"
+
+    result = invoke("export-key", "pump-1", str(export), "--data-dir", str(tmp_path))
+
+    assert result.exit_code == 0, result.stderr
+    assert load_export(export).name == "pump-1"
+
+
+def test_cli_export_key_existing_file_rejected(tmp_path: Path):
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+    export = tmp_path / "out.json"
+    export.write_text("kept")
+
+    result = invoke("export-key", "pump-1", str(export), "--data-dir", str(tmp_path))
+
+    assert result.exit_code == 1
+    assert str(export) in result.stderr
+    assert "--force" in result.stderr
+    assert export.read_text() == "kept"
+
+
+def test_cli_export_key_force_overwrites(tmp_path: Path):
+    invoke("pair", "pump-1", "--data-dir", str(tmp_path))
+    export = tmp_path / "out.json"
+    export.write_text("old")
+
+    result = invoke(
+        "export-key", "pump-1", str(export), "--force", "--data-dir", str(tmp_path)
+    )
+
+    assert result.exit_code == 0, result.stderr
+    assert load_export(export).name == "pump-1"
+
+
+def test_cli_pair_existing_export_rejected(tmp_path: Path):
+    export = tmp_path / "out.json"
+    export.write_text("kept")
+
+    result = invoke(
+        "pair", "pump-1", "--data-dir", str(tmp_path), "--export", str(export)
+    )
+
+    assert result.exit_code == 1
+    assert str(export) in result.stderr
+    assert export.read_text() == "kept"
+    assert PairingStore(tmp_path / "devices").list() == []
+
+
+def test_cli_pair_force_overwrites_export(tmp_path: Path):
+    export = tmp_path / "out.json"
+    export.write_text("old")
+
+    result = invoke(
+        "pair",
+        "pump-1",
+        "--force",
+        "--data-dir",
+        str(tmp_path),
+        "--export",
+        str(export),
+    )
+
+    assert result.exit_code == 0, result.stderr
     assert load_export(export).name == "pump-1"
