@@ -217,6 +217,7 @@ def run(
         outbox=config.outbox,
         model=model or config.model.name,
         threads=threads or config.model.threads,
+        review=config.review,
     )
     if config.data_dir is not None and data_dir == default_data_dir():
         data_dir = config.data_dir
@@ -505,19 +506,29 @@ def _register_commands() -> None:
     from appliance.cli_config import config_group
     from appliance.cli_control import control_command
     from appliance.cli_devices import DEVICE_COMMANDS
+    from appliance.cli_doctor import doctor_command
     from appliance.cli_eval import eval_command
+    from appliance.cli_export import export_command, import_command
     from appliance.cli_models import models_group
     from appliance.cli_retry import retry_command
+    from appliance.cli_review import review_command, reviews_command
     from appliance.cli_scan import scan_command
+    from appliance.cli_trace import trace_command
     from appliance.cli_tui import tui_command
 
     main.add_command(collector_command)
     main.add_command(config_group)
     main.add_command(control_command)
+    main.add_command(doctor_command)
     main.add_command(eval_command)
+    main.add_command(export_command)
+    main.add_command(import_command)
     main.add_command(models_group)
     main.add_command(retry_command)
+    main.add_command(review_command)
+    main.add_command(reviews_command)
     main.add_command(scan_command)
+    main.add_command(trace_command)
     main.add_command(tui_command)
     for command in DEVICE_COMMANDS:
         main.add_command(command)

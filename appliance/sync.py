@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import sqlite3
+import ssl
 import threading
 import time
 import uuid
@@ -118,12 +119,20 @@ class Uploader:
         self._headers = {}
         if token_file is not None:
             self._headers["Authorization"] = f"Bearer {read_token(token_file)}"
-        verify: bool | str = str(ca_bundle) if ca_bundle is not None else True
-        if ca_bundle is not None and not ca_bundle.is_file():
-            raise SetupError(
-                f"CA bundle {str(ca_bundle)!r} not found; set [sync] ca_bundle to "
-                "a PEM file or remove it to use the system's certificates"
-            )
+        verify: bool | ssl.SSLContext = True
+        if ca_bundle is not None:
+            if not ca_bundle.is_file():
+                raise SetupError(
+                    f"CA bundle {str(ca_bundle)!r} not found; set [sync] ca_bundle "
+                    "to a PEM file or remove it to use the system's certificates"
+                )
+            try:
+                verify = ssl.create_default_context(cafile=str(ca_bundle))
+            except (ssl.SSLError, OSError) as exc:
+                raise SetupError(
+                    f"CA bundle {str(ca_bundle)!r} cannot be used ({exc}); it must "
+                    "hold PEM certificates"
+                ) from exc
         self._client = httpx.Client(timeout=timeout, verify=verify)
 
     def probe(self, timeout: float = 5.0) -> bool:
