@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from rich.text import Text
-from textual.theme import Theme
 
 SEVERITIES = ("critical", "error", "warning", "info", "debug")
 """Values of ``severity`` in log_event records, most urgent first."""
@@ -43,12 +43,13 @@ def format_when(epoch: float | None, now: float) -> str:
 
 
 def format_rate(per_second: float, unit: str = "") -> str:
-    """Return a rate such as ``0.8/s`` or ``1.2 k/s``."""
+    """Return a rate such as ``0.8/s``, ``12 B/s`` or ``1.2 kB/s``."""
+    prefix = " " if unit else ""
     if per_second >= 1000:
         return f"{per_second / 1000:.1f} k{unit}/s"
     if per_second >= 10:
-        return f"{per_second:.0f}{unit}/s"
-    return f"{per_second:.1f}{unit}/s"
+        return f"{per_second:.0f}{prefix}{unit}/s"
+    return f"{per_second:.1f}{prefix}{unit}/s"
 
 
 def short_id(record_id: str) -> str:
@@ -56,20 +57,36 @@ def short_id(record_id: str) -> str:
     return record_id[:8]
 
 
-def severity_text(severity: str | None, theme: Theme) -> Text:
-    """Return ``severity`` coloured from the theme, so both light and dark read well."""
+def severity_text(severity: str | None, colours: Mapping[str, str]) -> Text:
+    """Return ``severity`` coloured with the theme's text colours.
+
+    ``colours`` is ``App.get_css_variables()``. Its ``text-error`` and
+    ``text-warning`` are the theme's colours for text on its background, so the
+    feed reads well in the dark and the light theme alike.
+    """
     if severity is None:
         return Text("-", style="dim")
     styles = {
-        "critical": f"bold {theme.error}",
-        "error": theme.error or "",
-        "warning": theme.warning or "",
+        "critical": f"bold reverse {colours.get('text-error', 'red')}",
+        "error": f"bold {colours.get('text-error', 'red')}",
+        "warning": colours.get("text-warning", "yellow"),
         "debug": "dim",
     }
     return Text(severity, style=styles.get(severity, ""))
 
 
-def state_text(state: str, theme: Theme) -> Text:
-    """Return a record state coloured: dead in the error colour, uploaded in success."""
-    styles = {"dead": f"bold {theme.error}", "uploaded": theme.success or ""}
+def state_text(state: str, colours: Mapping[str, str]) -> Text:
+    """Return a record state coloured: dead as an error, uploaded as a success."""
+    styles = {
+        "dead": f"bold {colours.get('text-error', 'red')}",
+        "uploaded": colours.get("text-success", "green"),
+    }
     return Text(state, style=styles.get(state, ""))
+
+
+def short_link(name: str, width: int = 12) -> str:
+    """Return a link name cut to ``width`` from the left, since names such as
+    ``replay:/path/to/file.log`` differ at their end."""
+    if len(name) <= width:
+        return name
+    return "…" + name[-(width - 1) :]

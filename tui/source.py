@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,20 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from appliance.control import ControlClient, socket_path
-from appliance.errors import ControlError, StoreError
+from appliance.errors import ControlError
 from appliance.prompts import build_messages
 from appliance.states import RecordKind, RecordState
 from appliance.store import DB_NAME, Store
+from tui import queries
+from tui.queries import FEED_COLUMNS
 from tui.views import (
-    BatchView,
     Connection,
     Dashboard,
     DeadLetters,
     DevicesView,
     FeedBatch,
-    FeedRow,
-    HistoryEntry,
-    LastError,
     LinkView,
     RecordDetail,
     SyncView,
@@ -39,22 +36,12 @@ from tui.views import (
 
 CONTROL_TIMEOUT_S = 5.0
 """Seconds one control command may take before the TUI reports the daemon as
-not answering. A BLE scan gets its scan time on top."""
+not responding. A BLE scan gets its scan time on top."""
 FEED_FETCH_LIMIT = 500
 """Newest arrivals read per feed poll. A burst beyond it is counted as skipped,
 so one poll's memory and drawing work stay bounded at any record rate."""
-RECENT_INFERENCES = 20
-"""Model calls averaged for the dashboard's tokens per second."""
-EVENT_SEARCH_WINDOW = 10_000
-"""Newest history events searched for the last error and the model speed, so
-a poll stays fast on a database with millions of events."""
 DEAD_LETTER_LIMIT = 500
 """Newest dead records listed; the screen shows the total as well."""
-RECENT_BATCH_LIMIT = 10
-PENDING_BATCH_LIMIT = 50
-SQL_VARIABLE_CHUNK = 500
-"""Ids per ``IN (...)`` query, below SQLite's default limit of 999 variables."""
-
 LINK_ERROR_COUNTERS = (
     "decode_errors",
     "truncated_lines",
@@ -75,15 +62,6 @@ LINK_ERROR_COUNTERS = (
 )
 """Link counters (firmware_bridge/counters.py, frames.py and the endpoint's
 stats) that count a fault; the dashboard's error column is their sum."""
-
-_FEED_COLUMNS = (
-    "rowid AS key, id, link, seq, state, received_at, updated_at, attempts, error,"
-    " substr(raw, 1, 200) AS raw,"
-    " CASE WHEN json_valid(data) THEN json_extract(data, '$.severity') END"
-    " AS severity,"
-    " CASE WHEN json_valid(data) THEN json_extract(data, '$.summary') END"
-    " AS summary"
-)
 
 
 class RelaySource:
@@ -114,8 +92,8 @@ class RelaySource:
         """Send one control command and return its result.
 
         Raises:
-            ControlError: no daemon answers, access is denied, or the command
-                failed; the message says which.
+            ControlError: no daemon is listening, access is denied, or the
+                command failed. The message names the cause.
         """
         with ControlClient(self.data_dir, timeout or self.control_timeout) as client:
             return client.call(command, **args)
@@ -135,7 +113,9 @@ class RelaySource:
         try:
             result = self.call(command)
         except ControlError as exc:
-            return Connection(False, f"daemon not answering: {exc}", None, has_database), None
+            return Connection(
+                False, f"daemon not responding: {exc}", None, has_database
+            ), None
         pid = _daemon_pid(command, result)
         return Connection(True, "", pid, has_database), result
 
@@ -166,9 +146,9 @@ class RelaySource:
                 "SELECT MIN(received_at) AS t FROM records WHERE state = ?",
                 (str(RecordState.QUEUED),),
             )[0]["t"]
-            links = status["links"] if status else _saved_links(store)
-            last_error = _last_error(store)
-            model, tokens_per_s = _inference_speed(store)
+            links = status["links"] if status else queries.saved_links(store)
+            last_error = queries.last_error(store)
+            model, tokens_per_s = queries.inference_speed(store)
         outbox_full = daemon.get("outbox_full")
         if outbox_full is None:
             outbox_full = bool(int(float(sync.get("outbox_full") or 0)))
@@ -200,7 +180,7 @@ class RelaySource:
             if store is None:
                 return FeedBatch([], [], 0, cursor)
             rows = store.query(
-                f"SELECT {_FEED_COLUMNS} FROM records WHERE rowid > ?"
+                f"SELECT {FEED_COLUMNS} FROM records WHERE rowid > ?"
                 " ORDER BY rowid DESC LIMIT ?",
                 (cursor, FEED_FETCH_LIMIT),
             )
@@ -210,8 +190,8 @@ class RelaySource:
                     "SELECT COUNT(*) AS n FROM records WHERE rowid > ?", (cursor,)
                 )[0]["n"]
                 skipped = int(total) - len(rows)
-            updates = _rows_by_id(store, watch)
-        arrivals = [_feed_row(row) for row in reversed(rows)]
+            updates = queries.rows_by_id(store, watch)
+        arrivals = [queries.feed_row(row) for row in reversed(rows)]
         newest = rows[0]["key"] if rows else cursor
         return FeedBatch(arrivals, updates, skipped, newest)
 
@@ -222,12 +202,12 @@ class RelaySource:
             if store is None:
                 return DeadLetters(connection, 0, [])
             rows = store.query(
-                f"SELECT {_FEED_COLUMNS} FROM records WHERE state = ?"
+                f"SELECT {FEED_COLUMNS} FROM records WHERE state = ?"
                 " ORDER BY updated_at DESC LIMIT ?",
                 (str(RecordState.DEAD), DEAD_LETTER_LIMIT),
             )
             total = store.state_counts()[RecordState.DEAD]
-        return DeadLetters(connection, total, [_feed_row(row) for row in rows])
+        return DeadLetters(connection, total, [queries.feed_row(row) for row in rows])
 
     def record(self, record_id: str) -> RecordDetail | None:
         """Read one record with its history; None when it does not exist."""
@@ -238,7 +218,7 @@ class RelaySource:
             if row is None:
                 return None
             events = store.events_for(record_id)
-        history = [_history_entry(event) for event in events]
+        history = [queries.history_entry(event) for event in events]
         prompt = None
         if row["kind"] == RecordKind.LOG_EVENT:
             prompt = build_messages(row["raw"])
@@ -257,7 +237,7 @@ class RelaySource:
             error=row["error"],
             history=history,
             prompt=prompt,
-            trace_id=_trace_id(history),
+            trace_id=queries.trace_id(history),
         )
 
     def sync(self) -> SyncView:
@@ -269,7 +249,7 @@ class RelaySource:
                 return _empty_sync(connection)
             sync = store.sync_state()
             queued = store.state_counts()[RecordState.QUEUED]
-            pending, recent = _batches(store)
+            pending, recent = queries.batches(store)
         return SyncView(
             connection=connection,
             paused=daemon.get("sync_paused") if connection.live else None,
@@ -297,7 +277,7 @@ class RelaySource:
         if connection.live:
             return self._daemon_devices(connection, status)
         with self._store() as store:
-            saved = _saved_links(store) if store is not None else {}
+            saved = queries.saved_links(store) if store is not None else {}
         paired, paired_error = _local_paired(self.data_dir)
         from appliance.cli_scan import serial_ports
 
@@ -393,9 +373,9 @@ def _link_view(
 ) -> LinkView:
     return LinkView(
         name=name,
-        state=str(counters.get("state") or "?"),
-        transport=str(counters.get("transport") or "?"),
-        protocol=str(counters.get("protocol") or "?"),
+        state=str(counters.get("state") or "-"),
+        transport=str(counters.get("transport") or "-"),
+        protocol=str(counters.get("protocol") or "-"),
         paused=bool(counters.get("paused")),
         messages_per_s=messages_rate,
         bytes_per_s=bytes_rate,
@@ -411,166 +391,6 @@ def _daemon_pid(command: str, result: Any) -> int | None:
     if isinstance(result, dict):
         return result.get("pid")
     return None
-
-
-def _saved_links(store: Store) -> dict[str, dict[str, Any]]:
-    """Each link's saved counters merged with its saved state, as ``status`` has them."""
-    links: dict[str, dict[str, Any]] = {
-        name: dict(counts) for name, counts in store.all_link_counters().items()
-    }
-    try:
-        states = store.all_link_status()
-    except StoreError:
-        states = {}  # a database from before link states were saved
-    for name, state in states.items():
-        links.setdefault(name, {}).update(state)
-    return links
-
-
-def _newest_events_clause(store: Store) -> tuple[str, tuple[Any, ...]]:
-    newest = store.query("SELECT MAX(id) AS m FROM events")[0]["m"] or 0
-    return "id > ?", (newest - EVENT_SEARCH_WINDOW,)
-
-
-def _last_error(store: Store) -> LastError | None:
-    clause, params = _newest_events_clause(store)
-    rows = store.query(
-        "SELECT record_id, at, step, error FROM events"
-        f" WHERE {clause} AND error IS NOT NULL ORDER BY id DESC LIMIT 1",
-        params,
-    )
-    if not rows:
-        return None
-    row = rows[0]
-    return LastError(row["at"], row["record_id"], row["step"], row["error"])
-
-
-def _inference_speed(store: Store) -> tuple[str | None, float | None]:
-    """Return the latest model name and its tokens per second, from the history."""
-    clause, params = _newest_events_clause(store)
-    rows = store.query(
-        "SELECT duration, detail FROM events WHERE"
-        f" {clause} AND step = 'infer' AND detail IS NOT NULL"
-        " ORDER BY id DESC LIMIT ?",
-        (*params, RECENT_INFERENCES * 4),
-    )
-    model = None
-    tokens = 0
-    seconds = 0.0
-    used = 0
-    for row in rows:
-        detail = _json_object(row["detail"])
-        model = model or detail.get("model")
-        if detail.get("cached") or not row["duration"]:
-            continue
-        tokens += int(detail.get("completion_tokens") or 0)
-        seconds += float(row["duration"])
-        used += 1
-        if used == RECENT_INFERENCES:
-            break
-    return model, (tokens / seconds if seconds > 0 else None)
-
-
-def _rows_by_id(store: Store, record_ids: Sequence[str]) -> list[FeedRow]:
-    rows: list[FeedRow] = []
-    ids = list(record_ids)
-    for start in range(0, len(ids), SQL_VARIABLE_CHUNK):
-        chunk = ids[start : start + SQL_VARIABLE_CHUNK]
-        marks = ",".join("?" * len(chunk))
-        found = store.query(
-            f"SELECT {_FEED_COLUMNS} FROM records WHERE id IN ({marks})", tuple(chunk)
-        )
-        rows += [_feed_row(row) for row in found]
-    return rows
-
-
-def _feed_row(row: sqlite3.Row) -> FeedRow:
-    severity = row["severity"] if isinstance(row["severity"], str) else None
-    if isinstance(row["summary"], str):
-        summary = row["summary"]
-    elif row["error"]:
-        summary = row["error"]
-    else:
-        summary = row["raw"]
-    return FeedRow(
-        key=row["key"],
-        record_id=row["id"],
-        link=row["link"],
-        seq=row["seq"],
-        state=row["state"],
-        received_at=row["received_at"],
-        updated_at=row["updated_at"],
-        attempts=row["attempts"],
-        severity=severity,
-        summary=" ".join(summary.split()),
-    )
-
-
-def _history_entry(event: sqlite3.Row) -> HistoryEntry:
-    return HistoryEntry(
-        at=event["at"],
-        step=event["step"],
-        from_state=event["from_state"],
-        to_state=event["to_state"],
-        attempt=event["attempt"] or 0,
-        duration_s=event["duration"] or 0.0,
-        error=event["error"],
-        detail=_json_object(event["detail"]) or None,
-    )
-
-
-def _trace_id(history: list[HistoryEntry]) -> str | None:
-    for entry in reversed(history):
-        if entry.detail and isinstance(entry.detail.get("trace_id"), str):
-            return entry.detail["trace_id"]
-    return None
-
-
-def _json_object(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _batches(store: Store) -> tuple[list[BatchView], list[BatchView]]:
-    """Return open batches, oldest first, and recent deliveries, newest first."""
-    queued = {
-        row["batch_id"]: row["n"]
-        for row in store.query(
-            "SELECT batch_id, COUNT(*) AS n FROM records WHERE state = ?"
-            " AND batch_id IS NOT NULL GROUP BY batch_id",
-            (str(RecordState.QUEUED),),
-        )
-    }
-    pending = store.query(
-        "SELECT * FROM batches WHERE delivered_at IS NULL ORDER BY created_at LIMIT ?",
-        (PENDING_BATCH_LIMIT,),
-    )
-    recent = store.query(
-        "SELECT * FROM batches WHERE delivered_at IS NOT NULL"
-        " ORDER BY delivered_at DESC LIMIT ?",
-        (RECENT_BATCH_LIMIT,),
-    )
-    return (
-        [_batch_view(row, queued.get(row["id"], 0)) for row in pending],
-        [_batch_view(row, None) for row in recent],
-    )
-
-
-def _batch_view(row: sqlite3.Row, records: int | None) -> BatchView:
-    return BatchView(
-        batch_id=row["id"],
-        created_at=row["created_at"],
-        attempts=row["attempts"] or 0,
-        last_status=row["last_status"],
-        last_error=row["last_error"],
-        delivered_at=row["delivered_at"],
-        records=records,
-    )
 
 
 def _local_paired(data_dir: Path) -> tuple[list[dict[str, str]], str | None]:

@@ -11,9 +11,9 @@ class Connection:
     """Whether a daemon serves the data directory, and how the TUI reads it."""
 
     live: bool
-    """True when the daemon answered on its control socket; actions work."""
+    """True when the daemon replied on its control socket, so actions can be sent."""
     reason: str
-    """Why the TUI is read-only, or empty when live."""
+    """Reason the TUI is read-only, or empty when live."""
     pid: int | None = None
     """Process id of the daemon when live."""
     has_database: bool = True
@@ -26,7 +26,8 @@ class LinkView:
 
     name: str
     state: str
-    """Connection state (``open``, ``reconnecting``, ...), or ``?`` if never saved."""
+    """Connection state (``connected``, ``reconnecting``, ...), or ``-`` for a
+    name with counters but no saved state, such as a replayed file."""
     transport: str
     protocol: str
     paused: bool
@@ -65,13 +66,13 @@ class Dashboard:
     sync_error: str | None
     sync_error_at: float | None
     sync_paused: bool | None
-    """None when no daemon runs, since only the daemon holds this flag."""
+    """None when no daemon runs, because the flag exists only in the daemon."""
     upload_url: str | None
     last_error: LastError | None
     model: str | None
     tokens_per_s: float | None
     """Completion tokens per second over the last ``RECENT_INFERENCES`` model
-    calls that were not answered from the cache."""
+    calls that were not answer-cache hits."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,10 @@ class FeedRow:
     """One record in the live feed; ``key`` orders rows by arrival."""
 
     key: int
-    """The record's SQLite rowid, which grows with every insert."""
+    """The record's SQLite rowid. SQLite gives a new row a higher rowid than
+    every row present, so the feed reads arrivals by rowid. A record inserted
+    right after the newest one was deleted could reuse its rowid and be
+    missed; the outbox deletes only uploaded records, oldest first."""
     record_id: str
     link: str
     seq: int
@@ -137,7 +141,7 @@ class RecordDetail:
     data: Any
     """The validated JSON object, or None before validation."""
     output: str | None
-    """Raw text of the model's latest answer that was kept on the record."""
+    """Raw text of the model's latest output, stored on the record."""
     error: str | None
     history: list[HistoryEntry]
     prompt: list[dict[str, str]] | None

@@ -1,0 +1,1 @@
+"""The TUI's screens: one module per screen, each with its bindings and CSS."""
