@@ -1,10 +1,10 @@
-"""A sliding-window rate limiter on requests and bytes per minute.
+"""A sliding-window rate limiter on requests and bytes (or tokens) per minute.
 
 Sinks and remote model endpoints publish limits per minute; staying under them
 avoids 429 answers instead of reacting to them. The limiter remembers each
 request of the last window with its size and, before a new one, waits until
-both the request count and the byte count of the window would stay within
-their limits.
+both the request count and the size total of the window would stay within
+their limits. Sinks count the size in bytes; the reviewer counts it in tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class SlidingWindowLimiter:
             request larger than the limit is let through once the window is
             empty, so it cannot block forever.
         clock: monotonic seconds (tests pass a fake one).
+        unit: what a size counts, for log messages: ``byte`` or ``token``.
+            A token limiter passes its tokens per minute as ``bytes_per_minute``.
 
     One limiter may be shared by several threads and sinks.
     """
@@ -38,15 +40,17 @@ class SlidingWindowLimiter:
         requests_per_minute: int = 0,
         bytes_per_minute: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "byte",
     ) -> None:
         if requests_per_minute < 0 or bytes_per_minute < 0:
             raise ValueError(
                 f"limits must be >= 0, got {requests_per_minute} requests and "
-                f"{bytes_per_minute} bytes per minute"
+                f"{bytes_per_minute} {unit}s per minute"
             )
         self.requests_per_minute = requests_per_minute
         self.bytes_per_minute = bytes_per_minute
         self._clock = clock
+        self.unit = unit
         self._sent: collections.deque[tuple[float, int]] = collections.deque()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -75,10 +79,14 @@ class SlidingWindowLimiter:
                 wait = max(wait, at + WINDOW_SECONDS - now)
         return max(0.0, wait)
 
-    def record(self, size: int) -> None:
-        """Count a request of ``size`` bytes as sent now."""
+    def record(self, size: int, age: float = 0.0) -> None:
+        """Count a request of ``size`` bytes as sent ``age`` seconds ago.
+
+        A positive ``age`` restores requests sent before a restart, so a new
+        limiter does not start with an empty window; record them oldest first.
+        """
         with self._lock:
-            self._sent.append((self._clock(), size))
+            self._sent.append((self._clock() - age, size))
             self._bytes += size
 
     def acquire(
@@ -100,7 +108,9 @@ class SlidingWindowLimiter:
                     self._bytes += size
                     self.waited += waited
                     return waited
-            logger.debug("rate limit: waiting %.2f s for a %d-byte request", wait, size)
+            logger.debug(
+                "rate limit: waiting %.2f s for a %d-%s request", wait, size, self.unit
+            )
             if stop is not None:
                 if stop.wait(wait):
                     self.waited += waited
