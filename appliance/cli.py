@@ -218,6 +218,7 @@ def run(
         model=model or config.model.name,
         threads=threads or config.model.threads,
         review=config.review,
+        telemetry=config.telemetry,
     )
     if config.data_dir is not None and data_dir == default_data_dir():
         data_dir = config.data_dir

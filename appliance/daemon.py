@@ -23,7 +23,15 @@ from types import FrameType
 from typing import Any
 
 from appliance.cli_scan import ble_devices, serial_ports
-from appliance.config import LinkConfig, MqttConfig, OutboxConfig, Protocol, SyncConfig
+from appliance.config import (
+    LinkConfig,
+    MqttConfig,
+    OutboxConfig,
+    Protocol,
+    ReviewConfig,
+    SyncConfig,
+    TelemetryConfig,
+)
 from appliance.control import ControlServer
 from appliance.decoding import plan_from_schema
 from appliance.errors import ApplianceError
@@ -36,10 +44,12 @@ from appliance.models import select_model
 from appliance.mqtt_sink import make_sink
 from appliance.outbox import OutboxPolicy, maintain
 from appliance.retry import requeue_all_dead, requeue_dead
+from appliance.review_worker import ReviewWorker, make_activity
 from appliance.sd_notify import Notifier
 from appliance.states import RecordState
 from appliance.status import collect_status
 from appliance.store import DB_NAME, Store
+from appliance.telemetry import NO_TELEMETRY, NoTelemetry, Telemetry
 from appliance.workflow import Worker, Workflow, inference_jobs, step_jobs
 from firmware_bridge.device_simulator import FramedDeviceSimulator
 from firmware_bridge.errors import PairingError
@@ -84,6 +94,10 @@ class RunOptions:
     """Model manifest name or GGUF file; None uses the default model."""
     threads: int | None = None
     """llama.cpp threads; None takes the model manifest's ``n_threads``."""
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
+    """Collector, capture mode, spool bound and drift sample of the traces."""
+    review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
+    """The reviewer endpoint; a reviewer thread runs only when it is enabled."""
 
 
 def db_path(data_dir: Path) -> Path:
@@ -154,6 +168,8 @@ class Daemon:
         Store(db_path(self.data_dir)).close()
         workflow = build_workflow(self.data_dir, opts.model, opts.threads)
         workflow.on_final = self._log_final
+        telemetry = self._start_telemetry()
+        workflow.telemetry = telemetry
         self._work_ready = workflow.work_ready
         workers = [
             Worker("inference", workflow, inference_jobs(workflow)),
@@ -191,6 +207,7 @@ class Daemon:
                 daemon=True,
             )
 
+        reviewer = self._start_reviewer(telemetry)
         for worker in workers:
             worker.start()
         for running in self.links:
@@ -215,8 +232,48 @@ class Daemon:
             self.stop_event.set()
             if uploader_thread is not None:
                 uploader_thread.join(timeout=10)
+            if reviewer is not None:
+                reviewer.stop()
+                reviewer.join(timeout=10)
             close_engine(workflow, workers)
+            telemetry.close()
         return code
+
+    def _start_reviewer(self, telemetry: NoTelemetry) -> ReviewWorker | None:
+        """Start the reviewer thread when ``[review]`` is enabled.
+
+        A reviewer that cannot start is logged and left out, because review
+        is optional and must not stop the local pipeline.
+        """
+        config = self.options.review
+        if not config.enabled:
+            return None
+        try:
+            activity = make_activity(config, stop=threading.Event(), tracer=telemetry)
+        except ApplianceError as exc:
+            logger.error("reviewer not started: %s", exc)
+            return None
+        reviewer = ReviewWorker(db_path(self.data_dir), activity, config)
+        reviewer.start()
+        return reviewer
+
+    def _start_telemetry(self) -> NoTelemetry:
+        """Start tracing and metrics; without them the pipeline runs on."""
+        try:
+            telemetry = Telemetry(
+                self.data_dir, self.options.telemetry, link_fill=self._ring_fill
+            )
+        except ApplianceError as exc:
+            logger.warning("telemetry off for this run: %s", exc)
+            return NO_TELEMETRY
+        telemetry.start()
+        return telemetry
+
+    def _ring_fill(self) -> dict[str, float]:
+        return {
+            running.name: len(running.ring) / running.ring.capacity
+            for running in self.links
+        }
 
     def _open(self, config: LinkConfig, workflow: Workflow) -> RunningLink:
         return open_link(
@@ -309,6 +366,7 @@ class Daemon:
                 live["transport"] = running.config.transport.value
                 live["protocol"] = running.config.protocol.value
                 live["paused"] = bool(getattr(running.link, "paused", False))
+                live["ring_fill"] = round(len(running.ring) / running.ring.capacity, 3)
             result["daemon"] = {
                 "pid": os.getpid(),
                 "started_at": self.started_at,

@@ -36,6 +36,7 @@ from appliance.prompts import build_messages
 from appliance.retry import AttemptTimeoutError, RetryPolicy
 from appliance.states import RecordKind, RecordState
 from appliance.store import Store
+from appliance.telemetry import NO_TELEMETRY, NoTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class Workflow:
         self.timer = timer
         self.work_ready = threading.Event()
         self.on_final: Callable[[str], None] | None = None
+        self.telemetry: NoTelemetry = NO_TELEMETRY
+        """Spans of steps and model calls; the daemon sets a recording one."""
 
     # Activities ---------------------------------------------------------------
 
@@ -166,11 +169,14 @@ class Workflow:
             raise InferenceError("no model is loaded for log_event records", record_id)
         attempt = row["attempts"] + 1
         params = self._sampling_for(attempt)
+        messages = build_messages(row["raw"])
         started = self.timer()
         try:
-            completion = self.engine.complete(
-                build_messages(row["raw"]), self.grammar, params
-            )
+            with self.telemetry.model_call(
+                record_id, self.engine.model_name, messages, params, self.grammar
+            ) as call:
+                completion = self.engine.complete(messages, self.grammar, params)
+                call.completion = completion
         except InferenceError as exc:
             exc.record_id = record_id
             elapsed = self.timer() - started
@@ -572,7 +578,9 @@ class Worker(threading.Thread):
                 for record_id, activity in jobs:
                     if self.stop_event.is_set():
                         break
-                    activity(store, record_id)
+                    name = getattr(activity, "__name__", "step")
+                    with self.workflow.telemetry.step(store, record_id, name) as step:
+                        step.moved = activity(store, record_id)
         except BaseException as exc:
             self.error = exc
             logger.exception("worker %s stopped by an unexpected error", self.name)
