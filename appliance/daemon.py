@@ -104,14 +104,22 @@ def db_path(data_dir: Path) -> Path:
     return data_dir / DB_NAME
 
 
-def build_workflow(data_dir: Path, model: str | None, threads: int | None) -> Workflow:
+def build_workflow(
+    data_dir: Path,
+    model: str | None,
+    threads: int | None,
+    models_home: Path | None = None,
+) -> Workflow:
     """Load the model and grammar and return a workflow over ``data_dir``.
+
+    Without ``model``, the model installed and active in ``models_home`` (by
+    default ``data_dir``; see docs/models.md) is used, else the default model.
 
     Raises:
         ModelNotFoundError, ModelLoadError: the model cannot be used.
         GrammarError: llama.cpp rejects the generated grammar.
     """
-    selection = select_model(model)
+    selection = select_model(model, data_dir=models_home or data_dir)
     manifest = selection.manifest
     engine = load_engine(selection, threads)
     schema = log_event_schema()

@@ -336,7 +336,9 @@ def run_evaluation(data_dir: Path, request: EvalRequest) -> dict[str, Any]:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     link = f"eval:{request.dataset.resolve()}#{run_id}"
 
-    workflow = build_workflow(eval_dir, request.model, request.threads)
+    workflow = build_workflow(
+        eval_dir, request.model, request.threads, models_home=eval_dir.parent
+    )
     engine = workflow.engine
     assert isinstance(engine, CachedEngine)
     with contextlib.ExitStack() as cleanup:

@@ -36,6 +36,7 @@ from appliance.model_manifest import (
     parse_manifest,
     pip_command,
 )
+from appliance.paths import default_data_dir
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -142,18 +143,31 @@ def select_model(
     *,
     manifest_dir: Path | None = None,
     assembled_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> ModelSelection:
     """Resolve a ``--model`` value: None, a manifest name, or a GGUF file path.
 
-    None selects the default model. A value that is an existing file is loaded
-    as a file, even when a manifest has the same name. Otherwise a value that
-    names a manifest in ``manifest_dir`` (default: models/) selects that model,
-    and anything else is taken as a missing file.
+    None selects the model that ``appliance models install`` activated in
+    ``data_dir`` (default: ``default_data_dir()``), and the default model when
+    none is active. A value that is an existing file is loaded as a file, even
+    when a manifest has the same name. Otherwise a value that names a manifest
+    in ``manifest_dir`` (default: models/) selects that model, and anything
+    else is taken as a missing file.
 
     Raises:
         ModelNotFoundError: the file is missing, with the fix in the message.
         ModelManifestError: the selected manifest is invalid.
+        ModelInstallError: the data directory's active model pointer is invalid.
     """
+    if model is None:
+        # Imported here: model_install imports this module.
+        from appliance.model_install import active_selection
+
+        # NOTE: daemon.build_workflow passes no data_dir, so `run`, `replay` and
+        # `eval` read the pointer in default_data_dir(), not in --data-dir.
+        installed = active_selection(data_dir or default_data_dir())
+        if installed is not None:
+            return installed
     directory = MANIFEST_DIR if manifest_dir is None else manifest_dir
     is_file = model is not None and Path(model).expanduser().is_file()
     if model is not None and not is_file and _NAME_PATTERN.fullmatch(model):

@@ -35,7 +35,9 @@ from tests.http_receiver import unused_port_url
 RECORDS = 150
 
 
-def start_collector(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_collector(
+    tmp_path: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, str]:
     port = int(unused_port_url().rsplit(":", 1)[1].split("/")[0])
     proc = subprocess.Popen(
         [
@@ -89,7 +91,15 @@ def crash_loop(tmp_path: Path, env: dict[str, str], iterations: int, seed: int) 
     data_dir = tmp_path / "data"
     collector, base = start_collector(tmp_path, env)
     url = f"{base}/ingest"
-    replay = [APPLIANCE, "replay", str(data), "--kind", "json", "--data-dir", str(data_dir)]
+    replay = [
+        APPLIANCE,
+        "replay",
+        str(data),
+        "--kind",
+        "json",
+        "--data-dir",
+        str(data_dir),
+    ]
     sync = [
         APPLIANCE,
         "sync",

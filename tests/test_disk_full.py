@@ -57,7 +57,15 @@ def test_full_disk_keeps_committed_records(
     # Fill most of the disk first, so the database runs out of room early.
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * 200_000)
-    command = [APPLIANCE, "replay", str(data), "--kind", "json", "--data-dir", str(data_dir)]
+    command = [
+        APPLIANCE,
+        "replay",
+        str(data),
+        "--kind",
+        "json",
+        "--data-dir",
+        str(data_dir),
+    ]
 
     full = subprocess.run(command, capture_output=True, text=True, env=child_env)
 
@@ -80,7 +88,9 @@ def test_full_disk_keeps_committed_records(
 
     store = Store(data_dir / DB_NAME, readonly=True)
     try:
-        seqs = [row["seq"] for row in store.query("SELECT seq FROM records ORDER BY seq")]
+        seqs = [
+            row["seq"] for row in store.query("SELECT seq FROM records ORDER BY seq")
+        ]
     finally:
         store.close()
     assert seqs == list(range(1, RECORDS + 1))
