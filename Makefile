@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_protocol.py --output docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_sync.py --output docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_tracing.py --output docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_review.py --output docs/benchmarks.md
 
 # Memory and latency over many records: FIELD_RELAY_SOAK_RECORDS sets the count
 # (default 10,000, which takes hours at 1 thread on 2 cores).

@@ -107,7 +107,9 @@ def drain(tmp_path: Path, records: int) -> None:
         finally:
             store.close()
         uploaded = {row["id"] for row in rows if row["state"] == RecordState.UPLOADED}
-        dead = {row["id"]: row["error"] for row in rows if row["state"] == RecordState.DEAD}
+        dead = {
+            row["id"]: row["error"] for row in rows if row["state"] == RecordState.DEAD
+        }
         assert len(uploaded) + len(dead) == records
         assert set(server.accepted) == uploaded
         assert max(server.accepted.values()) == 1

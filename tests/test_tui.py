@@ -35,18 +35,21 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable
 
 from appliance.control import ControlServer, daemon_running
+from appliance.review import ensure_schema, set_review_state
 from appliance.states import RecordKind, RecordState
 from appliance.store import DB_NAME, Store
 from tests.conftest import APPLIANCE
 from tui.app import DARK_THEME, LIGHT_THEME, RelayApp
 from tui.screens.base import RelayScreen
-from tui.screens.dashboard import DashboardScreen
+from tui.screens.dashboard import DashboardScreen, review_text
 from tui.screens.dead import DeadLettersScreen
 from tui.screens.devices import DevicesScreen
 from tui.screens.dialogs import ConfirmScreen, NameScreen
 from tui.screens.feed import FEED_BUFFER, FEED_SHOWN, FeedScreen
 from tui.screens.record import RecordScreen
 from tui.screens.sync import SyncScreen
+from tui.source import RelaySource
+from tui.views import ReviewView
 from tui.widgets import SCREENS
 
 WAIT_S = 60.0
@@ -789,6 +792,7 @@ def test_read_only_without_daemon(offline_dir: Path) -> None:
         text = screen_text(app)
         assert "READ-ONLY" in text
         assert "no daemon running" in text
+        assert "review off" in text
 
         await pilot.press("n")
         refused = await command_result(pilot, 0)
@@ -1049,6 +1053,51 @@ def _write_links_and_sync(store: Store, conn: Any) -> None:
         )
 
 
+REVIEWS = [
+    # record id, state, agreement
+    (TRIAGED[0][0], "done", 1.0),
+    (TRIAGED[1][0], "done", 0.8),
+    (TRIAGED[2][0], "done", 0.6),
+    (TRIAGED[3][0], "done", 1.0),
+    (TRIAGED[4][0], "pending", None),
+    (DEAD_RECORD, "pending", None),
+]
+"""Reviewer work: four finished reviews with a mean agreement of 0.85, and two
+waiting to be sent."""
+
+
+def _write_reviews(store: Store) -> None:
+    """Add the review tables, the reviewer's settings and ``REVIEWS``."""
+    ensure_schema(store)
+    settings = {
+        "enabled": True,
+        "base_url": "http://reviewer.example/v1",
+        "model": "reviewer-large",
+        "daily_budget": 2.0,
+        "agreement_alert_below": 0.7,
+        "agreement_window": 50,
+    }
+    with store.transaction() as conn:
+        set_review_state(conn, settings=json.dumps(settings))
+        for index, (record_id, state, agreement) in enumerate(REVIEWS):
+            done = state == "done"
+            conn.execute(
+                "INSERT INTO reviews (record_id, reason, priority, state,"
+                " requested_at, updated_at, verdicts, agreement, reviewed_at, cost)"
+                " VALUES (?, 'drift_sample', 1, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record_id,
+                    state,
+                    NOW - 500 + index,
+                    NOW - 400 + index,
+                    json.dumps({"severity": "agree"}) if done else None,
+                    agreement,
+                    NOW - 400 + index if done else None,
+                    0.01 if done else 0.0,
+                ),
+            )
+
+
 def _counters(link: dict[str, Any]) -> dict[str, int]:
     return {key: value for key, value in link.items() if isinstance(value, int)}
 
@@ -1154,6 +1203,7 @@ def fixed_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
         with store.transaction() as conn:
             _write_records(store, conn)
             _write_links_and_sync(store, conn)
+        _write_reviews(store)
     finally:
         store.close()
     yield data_dir
@@ -1202,8 +1252,9 @@ def test_snapshot_dashboard(
     uploaded in the success colour and dead (2) in the error colour. Outbox
     and sync shows 4 queued with the oldest 5 min old, the last sync at
     14:11:45, sync on to the collector URL and the HTTP 503 sync error. Below
-    them are the last error (validate, record 5f2c3b66) and 21.8 tokens/s for
-    the SmolLM2 file. Links shows pump-a connected over serial with 2 errors
+    them are the last error (validate, record 5f2c3b66), 21.8 tokens/s for
+    the SmolLM2 file, and the review line "2 pending, agreement 0.85, budget
+    ok". Links shows pump-a connected over serial with 2 errors
     and 1 reconnect, and pump-b reconnecting over ble with its BLE error. Long
     values end in an ellipsis at 80 columns. The footer shows n Sync now,
     12345 Screens and q Quit."""
@@ -1214,8 +1265,8 @@ def test_snapshot_dashboard_read_only(snap_compare: Any, fixed_dir: Path) -> Non
     """Dashboard at 80x24 with no daemon. A yellow READ-ONLY line tells that
     no daemon is running and that the database is shown. "Links (last
     saved)" lists both links' counters with state and transport "-". The Sync
-    row reads "no daemon running, nothing syncs", and the model name comes
-    from the history."""
+    row reads "no daemon running, nothing syncs", the model name comes
+    from the history, and the review line is the same as when attached."""
     assert _snapshot(snap_compare, fixed_dir, (80, 24), (), DashboardScreen)
 
 
@@ -1306,3 +1357,62 @@ def test_snapshot_dead_letters(
     follows. Errors end in an ellipsis at the table's edge. The footer shows
     Inspect, Retry, Retry all and Sync now."""
     assert _snapshot(snap_compare, fixed_daemon, size, ("5",), DeadLettersScreen, theme)
+
+
+# Review line ----------------------------------------------------------------------
+
+
+def test_dashboard_reads_review_figures(fixed_dir: Path) -> None:
+    review = RelaySource(fixed_dir, clock=lambda: NOW).dashboard().review
+    assert review.enabled
+    assert review.pending == 2
+    assert review.agreement == 0.85
+    assert not review.alert
+    assert review.budget_state == "ok"
+    assert review.pause_reason is None
+
+
+def test_dashboard_review_off_without_tables(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    Store(data_dir / DB_NAME).close()
+    review = RelaySource(data_dir).dashboard().review
+    assert not review.enabled
+    assert review_text(review) == "review off"
+
+
+def _review(**changes: Any) -> ReviewView:
+    base = ReviewView(
+        enabled=True,
+        pending=3,
+        agreement=0.9,
+        alert=False,
+        budget_state="unlimited",
+        pause_reason=None,
+    )
+    return ReviewView(**(base.__dict__ | changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, "3 pending, agreement 0.90, no budget cap"),
+        ({"budget_state": "ok"}, "3 pending, agreement 0.90, budget ok"),
+        (
+            {"budget_state": "exhausted"},
+            "3 pending, agreement 0.90, budget exhausted",
+        ),
+        (
+            {"budget_state": "exhausted", "pause_reason": "daily budget spent"},
+            "3 pending, agreement 0.90, paused: daily budget spent",
+        ),
+        ({"agreement": None}, "3 pending, agreement n/a, no budget cap"),
+        (
+            {"agreement": 0.4, "alert": True},
+            "3 pending, agreement 0.40 LOW, no budget cap",
+        ),
+        ({"enabled": False}, "review off"),
+    ],
+)
+def test_review_text_cases(changes: dict[str, Any], expected: str) -> None:
+    assert review_text(_review(**changes)) == expected

@@ -19,6 +19,7 @@ from typing import Any
 from appliance.control import ControlClient, socket_path
 from appliance.errors import ControlError
 from appliance.prompts import build_messages
+from appliance.review_status import empty_review_summary, review_summary
 from appliance.states import RecordKind, RecordState
 from appliance.store import DB_NAME, Store
 from tui import queries
@@ -31,6 +32,7 @@ from tui.views import (
     FeedBatch,
     LinkView,
     RecordDetail,
+    ReviewView,
     SyncView,
 )
 
@@ -149,6 +151,9 @@ class RelaySource:
             links = status["links"] if status else queries.saved_links(store)
             last_error = queries.last_error(store)
             model, tokens_per_s = queries.inference_speed(store)
+            review = (status or {}).get("review") or review_summary(
+                store, now=self.clock()
+            )
         outbox_full = daemon.get("outbox_full")
         if outbox_full is None:
             outbox_full = bool(int(float(sync.get("outbox_full") or 0)))
@@ -167,6 +172,7 @@ class RelaySource:
             last_error=last_error,
             model=daemon.get("model") or model,
             tokens_per_s=tokens_per_s,
+            review=_review_view(review),
         )
 
     def feed(self, cursor: int, watch: Sequence[str] = ()) -> FeedBatch:
@@ -385,6 +391,18 @@ def _link_view(
     )
 
 
+def _review_view(review: dict[str, Any]) -> ReviewView:
+    """Pick the dashboard's review figures from ``review_summary``'s dict."""
+    return ReviewView(
+        enabled=bool(review["enabled"]),
+        pending=int(review["pending"]),
+        agreement=review["agreement"]["recent"],
+        alert=bool(review["agreement"]["alert"]),
+        budget_state=str(review["budget"]["state"]),
+        pause_reason=review["pause_reason"],
+    )
+
+
 def _daemon_pid(command: str, result: Any) -> int | None:
     if command == "status":
         return (result.get("daemon") or {}).get("pid")
@@ -432,6 +450,7 @@ def _empty_dashboard(connection: Connection) -> Dashboard:
         last_error=None,
         model=None,
         tokens_per_s=None,
+        review=_review_view(empty_review_summary()),
     )
 
 

@@ -52,6 +52,26 @@ class LastError:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReviewView:
+    """The remote reviewer's queue, agreement and budget for the dashboard."""
+
+    enabled: bool
+    """The ``enabled`` setting the reviewer stored when it last started; False
+    when review never ran in this data directory."""
+    pending: int
+    """Reviews waiting to be sent, including those requeued after a throttle."""
+    agreement: float | None
+    """Mean agreement (0 to 1) over the recent window, or None before the first
+    finished review."""
+    alert: bool
+    """True when ``agreement`` is below ``[review] agreement_alert_below``."""
+    budget_state: str
+    """``unlimited``, ``ok`` or ``exhausted`` for today's spending."""
+    pause_reason: str | None
+    """Reason the reviewer sends nothing until a later time, or None."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Dashboard:
     """Everything the dashboard screen shows, read in one poll."""
 
@@ -73,6 +93,7 @@ class Dashboard:
     tokens_per_s: float | None
     """Completion tokens per second over the last ``RECENT_INFERENCES`` model
     calls that were not answer-cache hits."""
+    review: ReviewView
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tui.formatting import (
     state_text,
 )
 from tui.screens.base import RelayScreen
-from tui.views import Dashboard
+from tui.views import Dashboard, ReviewView
 from tui.widgets import fill_table
 
 LINK_COLUMNS = (
@@ -44,10 +44,11 @@ class DashboardScreen(RelayScreen):
 
     DEFAULT_CSS = """
     DashboardScreen #top {
-        height: 8;
+        height: 9;
     }
     DashboardScreen #records {
         width: 24;
+        height: 100%;
         border: round $primary;
         padding: 0 1;
     }
@@ -146,7 +147,27 @@ def _outbox_table(data: Dashboard, now: float) -> Table:
 
     speed = "-" if data.tokens_per_s is None else f"{data.tokens_per_s:.1f}"
     table.add_row("Model", f"{speed} tokens/s, {data.model or 'none used yet'}")
+    table.add_row("Review", review_text(data.review))
     return table
+
+
+def review_text(review: ReviewView) -> str:
+    """Summarize the reviewer in one line that fits the 80-column outbox box:
+    pending reviews, recent agreement, then the pause or budget state."""
+    if not review.enabled:
+        return "review off"
+    agreement = "n/a" if review.agreement is None else f"{review.agreement:.2f}"
+    if review.alert:
+        agreement += " LOW"
+    if review.pause_reason:
+        limit = f"paused: {review.pause_reason}"
+    elif review.budget_state == "exhausted":
+        limit = "budget exhausted"
+    elif review.budget_state == "ok":
+        limit = "budget ok"
+    else:
+        limit = "no budget cap"
+    return f"{review.pending} pending, agreement {agreement}, {limit}"
 
 
 def _sync_state(data: Dashboard) -> str:
