@@ -59,6 +59,24 @@ def ble_devices(timeout: float) -> list[dict[str, Any]]:
     return sorted(devices, key=lambda d: -(d["rssi"] or -999))
 
 
+def scan_all(ble_seconds: float) -> dict[str, Any]:
+    """Return serial ports and, when ``ble_seconds`` > 0, BLE devices.
+
+    A failed BLE scan is reported in ``ble_error`` with the fix, so the serial
+    ports are still listed.
+    """
+    result: dict[str, Any] = {"serial": serial_ports(), "ble": [], "ble_error": None}
+    if ble_seconds > 0:
+        try:
+            result["ble"] = ble_devices(ble_seconds)
+        except RuntimeError as exc:
+            result["ble_error"] = (
+                f"{exc}. Check that a Bluetooth adapter is present and powered "
+                "(`bluetoothctl show`) and that bluetoothd is running"
+            )
+    return result
+
+
 @click.command("scan")
 @click.option(
     "--ble-seconds",
@@ -70,15 +88,7 @@ def ble_devices(timeout: float) -> list[dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def scan_command(ble_seconds: float, as_json: bool) -> None:
     """List serial ports (with USB vendor, product and serial number) and BLE devices."""
-    result: dict[str, Any] = {"serial": serial_ports(), "ble": [], "ble_error": None}
-    if ble_seconds > 0:
-        try:
-            result["ble"] = ble_devices(ble_seconds)
-        except RuntimeError as exc:
-            result["ble_error"] = (
-                f"{exc}. Check that a Bluetooth adapter is present and powered "
-                "(`bluetoothctl show`) and that bluetoothd is running"
-            )
+    result = scan_all(ble_seconds)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from appliance.cli_scan import ble_devices, serial_ports
+from appliance.cli_scan import scan_all
 from appliance.config import (
     LinkConfig,
     MqttConfig,
@@ -153,6 +153,8 @@ class Daemon:
         self.started_at = time.time()
         self.model_name = ""
         self.notifier = Notifier()
+        self._work_ready: threading.Event | None = None
+        """The workflow's wake-up event, once the workflow is built."""
         self.policy = OutboxPolicy(
             options.outbox.quota_bytes,
             options.outbox.retain_uploaded_s,
@@ -357,10 +359,6 @@ class Daemon:
         if self.sync_wake.wait(seconds):
             self.sync_wake.clear()
 
-    def request_stop_sync(self) -> None:
-        self._sync_interrupt.set()
-        self.sync_wake.set()
-
     def _control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         """The commands of the control socket (docs/control.md)."""
 
@@ -469,18 +467,7 @@ class Daemon:
             return f"device {key.device_id_hex} ({key.name}) unpaired"
 
         def scan(args: dict[str, Any]) -> dict[str, Any]:
-            result: dict[str, Any] = {
-                "serial": serial_ports(),
-                "ble": [],
-                "ble_error": None,
-            }
-            seconds = float(args.get("ble_seconds", 0))
-            if seconds > 0:
-                try:
-                    result["ble"] = ble_devices(seconds)
-                except RuntimeError as exc:
-                    result["ble_error"] = str(exc)
-            return result
+            return scan_all(float(args.get("ble_seconds", 0)))
 
         return {
             "ping": lambda args: {"pid": os.getpid(), "started_at": self.started_at},
@@ -501,8 +488,6 @@ class Daemon:
         """Wake the workflow workers (after records were put back)."""
         if self._work_ready is not None:
             self._work_ready.set()
-
-    _work_ready: threading.Event | None = None
 
     def _check_outbox(self, store: Store) -> None:
         """Apply the outbox rules and pause or resume intake accordingly."""
