@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 SOCKET_MODE = 0o660
 MAX_REQUEST_BYTES = 65536
-"""Longest request line accepted; longer lines get an error and the connection closes."""
+"""Maximum request line length; a longer line gets an error reply and the connection closes."""
 
 Handler = Callable[[dict[str, Any]], Any]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from firmware_bridge.errors import FrameError
 
 MAX_RUN = 254
-"""Longest run of non-zero bytes one code byte can describe."""
+"""Maximum run of non-zero bytes that one code byte can describe."""
 
 
 def encode(packet: bytes) -> bytes:
@@ -49,7 +49,7 @@ def decode(body: bytes) -> bytes:
         raise FrameError("empty COBS body")
     if 0 in body:
         raise FrameError(
-            f"COBS body holds a 0x00 byte at offset {body.index(0)}; "
+            f"COBS body contains a 0x00 byte at offset {body.index(0)}; "
             "0x00 may only delimit frames"
         )
     out = bytearray()

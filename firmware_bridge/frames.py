@@ -117,7 +117,7 @@ def parse_packet(packet: bytes) -> Frame:
     body, (crc,) = packet[: -CRC.size], CRC.unpack(packet[-CRC.size :])
     if google_crc32c.value(body) != crc:
         raise FrameError(
-            f"CRC-32C mismatch: frame says {crc:#010x}, "
+            f"CRC-32C mismatch: the frame carries {crc:#010x}, "
             f"bytes give {google_crc32c.value(body):#010x}",
             crc=True,
         )

@@ -54,7 +54,7 @@ HARD_FRAME_LIMIT = 1 << 24
 NACK_INTERVAL = 0.25
 """Seconds after which a gap that is still open is NACKed again."""
 RESET_INTERVAL = 0.5
-"""Least seconds between two RESET frames the appliance sends unprompted."""
+"""Minimum seconds between two RESET frames the appliance sends unprompted."""
 
 
 WARNING_INTERVAL = 10.0
@@ -471,7 +471,7 @@ class DeviceState(enum.StrEnum):
     HANDSHAKING = "handshaking"
     ESTABLISHED = "established"
     REFUSED = "refused"
-    """The appliance said the device is not paired; retried slowly."""
+    """The appliance reported the device as unpaired, so handshakes are retried slowly."""
 
 
 @dataclasses.dataclass
@@ -679,9 +679,9 @@ class DeviceEndpoint:
             self.stats.acks += 1
             self._acknowledge(U32.unpack(plaintext)[0], now)
         elif frame.type == MessageType.NACK and len(plaintext) == 1 + U32.size:
-            # A NACK says where to resume sending, not what is durable: the
-            # appliance may still lose messages below it that it has not
-            # committed, so they stay queued until an ACK covers them.
+            # A NACK gives the number to resume sending from, not what is
+            # durable. The appliance may still lose uncommitted messages below
+            # it, so they stay queued until an ACK covers them.
             self.stats.nacks += 1
             (number,) = U32.unpack_from(plaintext, 1)
             self._send_from = min(max(number, self.acked), self.next_number)
