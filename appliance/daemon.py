@@ -359,6 +359,11 @@ class Daemon:
         if self.sync_wake.wait(seconds):
             self.sync_wake.clear()
 
+    def request_stop_sync(self) -> None:
+        """End a running sync early and wake the upload loop, as a stop does."""
+        self._sync_interrupt.set()
+        self.sync_wake.set()
+
     def _control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         """The commands of the control socket (docs/control.md)."""
 
